@@ -1,0 +1,70 @@
+"""`lora-offset <command>`: one subcommand per module; each module owns its arguments.
+
+A command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+only when their command runs, so `lora-offset inspect` does not pay for importing diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lora_offset.train", "train a LoRA from a TOML config"),
+    "inspect": ("lora_offset.inspect", "show a LoRA file's metadata, modules, rank/alpha and loader compatibility"),
+    "merge": ("lora_offset.merge", "merge LoRAs into an SD 1.x checkpoint"),
+    "convert": ("lora_offset.convert", "convert a diffusers/PEFT SD 1.x LoRA to kohya format"),
+    "eval": ("lora_offset.evaluate", "generate images and write a brightness report"),
+    "make-dataset": ("lora_offset.make_dataset", "write a synthetic dataset (solid colours, ...)"),
+    "demo": ("lora_offset.demo", "reproduce the solid-black experiment offline on CPU"),
+}
+
+
+def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-offset", description="LoRA trainer for Stable Diffusion 1.x with offset noise")
+    from lora_offset import __version__
+
+    parser.add_argument("--version", action="version", version=f"lora-offset {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in commands.items():
+        # A command whose module is not present in this build is simply not offered.
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_offset.errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    # Only build the parser of the command asked for: imports stay light for everything else.
+    commands = COMMANDS
+    if argv and argv[0] in COMMANDS:
+        commands = {argv[0]: COMMANDS[argv[0]]}
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

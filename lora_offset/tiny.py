@@ -1,0 +1,139 @@
+"""Tiny Stable Diffusion 1.x-topology models, built in code: no download, no weights on disk.
+
+The UNet has SD 1.5's block types, layers_per_block=2 and attention layout, so every module name
+(and so every LoRA key, LDM key and merge) matches SD 1.5 exactly; only the widths are narrow.
+The text encoder has CLIP ViT-L/14's 12 layers at width 32, so the text encoder has the same 72
+LoRA target modules as SD 1.5. The tokenizer is character-level over CLIP's byte alphabet.
+Used by the tests and by anyone who wants to try the trainer offline on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# SD 1.5's scheduler (the training schedule every SD 1.x LoRA is trained under).
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "skip_prk_steps": True,
+}
+
+TINY_UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 64, 64],
+    "layers_per_block": 2,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+TINY_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+
+TINY_TEXT_ENCODER_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode character table (GPT-2 byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tiny_tokenizer(folder: str | Path) -> Path:
+    """Write a character-level CLIP tokenizer (vocab.json, merges.txt) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    config = {
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def tiny_vocab_size() -> int:
+    return 2 * 256 + 2
+
+
+def build_tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:
+    """Return {unet, vae, text_encoder, tokenizer, scheduler} of a tiny SD 1.x model (random init)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    text_config = CLIPTextConfig(
+        vocab_size=tiny_vocab_size(),
+        bos_token_id=tiny_vocab_size() - 2,
+        eos_token_id=tiny_vocab_size() - 1,
+        pad_token_id=tiny_vocab_size() - 1,
+        **TINY_TEXT_ENCODER_CONFIG,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    if tokenizer_dir is None:
+        tokenizer_dir = tempfile.mkdtemp(prefix="tiny-tokenizer-")
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tokenizer_dir)))
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SD 1.x model as a diffusers folder (what `model.pretrained` accepts)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    components = build_tiny_components(seed=seed, tokenizer_dir=folder / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,32 @@
+"""Test set-up: one torch thread (tiny models on 2 shared cores run far faster that way), no
+network, quiet libraries, and a tiny SD 1.x-topology model built once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny SD 1.x model saved as a diffusers folder (random init, fixed seed). Do not modify it."""
+    from lora_offset.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@pytest.fixture()
+def tiny_components():
+    """Fresh in-memory tiny components {unet, vae, text_encoder, tokenizer, scheduler} (seed 0)."""
+    from lora_offset.tiny import build_tiny_components
+
+    return build_tiny_components(seed=0)
