@@ -1,0 +1,418 @@
+"""The training config: one TOML file, typed and validated before anything heavy is loaded.
+
+Sections `[model] [network] [noise] [training] [dataset]` and `[[dataset.subsets]]`, one dataclass
+each. Every key is checked: an unknown key is an error naming the closest valid key, a wrong type
+names the expected type, an out-of-range value says what is allowed. kohya's dataset-config TOML
+(`[general]`, `[[datasets]]`, `[[datasets.subsets]]`) is accepted as the dataset part, and kohya's
+folder naming (`10_sks dog` = 10 repeats of the class tokens "sks dog") works.
+
+Paths are used as written (relative ones against the current folder, as kohya does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from lora_offset.errors import UserError
+
+log = logging.getLogger("lora_offset")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""  # diffusers folder | hub id | single-file SD 1.x .safetensors (.ckpt with allow_pickle)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    allow_pickle: bool = False  # .ckpt/.pt files are unpickled (weights only) only with this opt-in
+    config_dir: Optional[str] = None  # diffusers config folder for a single-file checkpoint (default: SD 1.5's)
+    tokenizer: Optional[str] = None  # tokenizer folder for a single-file checkpoint
+    vae: Optional[str] = None  # replacement VAE: diffusers folder or single file
+
+
+@dataclass
+class NetworkConfig:
+    rank: int = 16
+    alpha: float = 8.0
+    train_text_encoder: bool = False
+    conv_rank: int = 0  # 0 = no conv LoRA ("LoCon")
+    conv_alpha: float = 1.0
+    dropout: float = 0.0
+
+
+@dataclass
+class NoiseConfig:
+    offset: float = 0.1  # the fix this project is named after: per-sample, per-channel constant noise
+    adaptive_offset: float = 0.0
+    offset_random_strength: bool = False
+    pyramid_iterations: int = 0
+    pyramid_discount: float = 0.3
+    input_perturbation: float = 0.0
+    zero_terminal_snr: bool = False
+    min_snr_gamma: float = 0.0  # 0 = off
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "output"
+    output_name: str = "lora"
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    text_encoder_lr: Optional[float] = None  # None: same as learning_rate
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    save_every_steps: int = 0  # 0 = save the adapter only at the end
+    save_state_every_steps: int = 0  # resumable training state; 0 = same as save_every_steps
+    sample_every_steps: int = 0  # 0 = no sample images
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    sample_guidance_scale: float = 7.5
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    prior_loss_weight: float = 1.0
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+    logging_dir: Optional[str] = None  # default: {output_dir}/logs
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row
+
+
+@dataclass
+class SubsetConfig:
+    image_dir: str = ""
+    class_tokens: Optional[str] = None
+    num_repeats: int = 1
+    is_reg: bool = False
+    caption_extension: str = ".txt"
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    flip_aug: bool = False
+    num_class_images: int = 0  # reg subsets: generate images with the base model until this many exist
+
+
+@dataclass
+class DatasetConfig:
+    resolution: int = 512
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    train_data_dir: Optional[str] = None  # kohya: subfolders "10_sks dog" become instance subsets
+    reg_data_dir: Optional[str] = None  # kohya: subfolders "1_dog" become regularization subsets
+    subsets: list[SubsetConfig] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<config>") -> "Config":
+        return _build_config(data, source)
+
+    def to_dict(self) -> dict:
+        """Plain data (TOML-serialisable: None values dropped)."""
+        return _drop_none(dataclasses.asdict(self))
+
+    @property
+    def adapter_path(self) -> Path:
+        return Path(self.training.output_dir) / f"{self.training.output_name}.safetensors"
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "network": NetworkConfig,
+    "noise": NoiseConfig,
+    "training": TrainingConfig,
+    "dataset": DatasetConfig,
+}
+SUBSET_KEYS = [f.name for f in dataclasses.fields(SubsetConfig)]
+DATASET_KEYS = [f.name for f in dataclasses.fields(DatasetConfig) if f.name != "subsets"]
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = (),
+                dataset_config: str | Path | None = None) -> Config:
+    """Read, override (`section.key=value`), validate. Errors name the file and the key."""
+    path = Path(path)
+    data = read_toml(path)
+    source = str(path)
+    if dataset_config is not None:
+        if "dataset" in data:
+            raise UserError(f"{path}: has a [dataset] section and --dataset-config {dataset_config} was given; "
+                            "keep one of the two")
+        data["dataset"] = kohya_dataset_section(read_toml(Path(dataset_config)), str(dataset_config))
+    for item in overrides:
+        apply_override(data, item)
+    return _build_config(data, source)
+
+
+def read_toml(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; give the path of a .toml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise UserError(f"{path}: TOML syntax error: {e}") from None
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`section.key=value` (value parsed as TOML, else taken as a string) into `data`."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set training.max_steps=500")
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise UserError(f"--set {item!r}: unknown section {section!r}{_suggest(section, SECTIONS)}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare strings: paths, names
+    data.setdefault(section, {})
+    if not isinstance(data[section], dict):
+        raise UserError(f"--set {item!r}: [{section}] is not a table in the config")
+    data[section][name] = value
+
+
+def kohya_dataset_section(data: dict, source: str) -> dict:
+    """Turn kohya's dataset config ([general], [[datasets]], [[datasets.subsets]]) into our [dataset]."""
+    _check_keys(data, ["general", "datasets"], source, "")
+    general = dict(data.get("general", {}))
+    _check_keys(general, DATASET_KEYS + SUBSET_KEYS, source, "general.")
+    datasets = data.get("datasets", [])
+    if not isinstance(datasets, list) or len(datasets) != 1:
+        raise UserError(f"{source}: expected exactly one [[datasets]] table, found "
+                        f"{len(datasets) if isinstance(datasets, list) else 'a non-list'}; "
+                        "lora-offset trains one resolution per run: merge them or run twice")
+    dataset = dict(datasets[0])
+    _check_keys(dataset, DATASET_KEYS + SUBSET_KEYS + ["subsets"], source, "datasets.")
+    subsets = dataset.pop("subsets", [])
+    out = {k: v for k, v in general.items() if k in DATASET_KEYS}
+    out.update({k: v for k, v in dataset.items() if k in DATASET_KEYS})
+    # Subset-level options may sit at [general] or [[datasets]] level: later, more specific, wins.
+    subset_defaults = {k: v for k, v in {**general, **dataset}.items() if k in SUBSET_KEYS}
+    out["subsets"] = [{**subset_defaults, **s} for s in subsets]
+    return out
+
+
+def _build_config(data: dict, source: str) -> Config:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a table of sections")
+    _check_keys(data, list(SECTIONS), source, "")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: [{name}] must be a table, got {_type_name(table)}")
+        sections[name] = _build_dataclass(cls, table, source, f"{name}.")
+    config = Config(**sections)
+    _validate(config, source)
+    return config
+
+
+def _build_dataclass(cls: type, table: dict, source: str, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(table, list(fields), source, prefix)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in table.items():
+        if cls is DatasetConfig and name == "subsets":
+            if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
+                raise UserError(f"{source}: dataset.subsets must be an array of tables ([[dataset.subsets]])")
+            values[name] = [_build_dataclass(SubsetConfig, s, source, f"dataset.subsets[{i}].")
+                            for i, s in enumerate(value)]
+            continue
+        values[name] = _coerce(value, hints[name], f"{prefix}{name}", source)
+    return cls(**values)
+
+
+def _check_keys(table: dict, valid: list[str], source: str, prefix: str) -> None:
+    for key in table:
+        if key not in valid:
+            raise UserError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, valid, prefix)}")
+
+
+def _suggest(key: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + v for v in valid)}"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(value, inner, key, source)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(repr(a) for a in args)
+            raise UserError(f"{source}: {key} must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = args
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key} must be an array of {_hint_name(item_type)}s, got {_type_name(value)}")
+        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key} must be a boolean (true or false), got {_type_name(value)} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{source}: {key} must be an integer, got {_type_name(value)} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {key} must be a number, got {_type_name(value)} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{source}: {key} must be a string, got {_type_name(value)} {value!r}")
+        return value
+    raise TypeError(f"config field {key} has unsupported type {hint}")  # a bug in this module, not user input
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _hint_name(hint: Any) -> str:
+    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(hint, str(hint))
+
+
+def _validate(config: Config, source: str) -> None:
+    """Ranges and cross-field rules, each failing with the key and what is allowed."""
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(f"{source}: {message}")
+
+    m, n, z, t, d = config.model, config.network, config.noise, config.training, config.dataset
+    require(bool(m.pretrained), "model.pretrained is required: a diffusers folder, a hub id or an SD 1.x .safetensors file")
+    require(n.rank >= 1, f"network.rank must be >= 1, got {n.rank}")
+    require(n.alpha > 0, f"network.alpha must be > 0, got {n.alpha}")
+    require(n.conv_rank >= 0, f"network.conv_rank must be >= 0 (0 = off), got {n.conv_rank}")
+    require(n.conv_alpha > 0, f"network.conv_alpha must be > 0, got {n.conv_alpha}")
+    require(0 <= n.dropout < 1, f"network.dropout must be in [0, 1), got {n.dropout}")
+    require(z.offset >= 0, f"noise.offset must be >= 0 (0 = standard noise), got {z.offset}")
+    require(z.pyramid_iterations >= 0, f"noise.pyramid_iterations must be >= 0, got {z.pyramid_iterations}")
+    require(0 < z.pyramid_discount <= 1, f"noise.pyramid_discount must be in (0, 1], got {z.pyramid_discount}")
+    require(z.input_perturbation >= 0, f"noise.input_perturbation must be >= 0, got {z.input_perturbation}")
+    require(z.min_snr_gamma >= 0, f"noise.min_snr_gamma must be >= 0 (0 = off), got {z.min_snr_gamma}")
+    require(not (z.zero_terminal_snr and m.prediction_type != "v_prediction"),
+            "noise.zero_terminal_snr = true needs model.prediction_type = \"v_prediction\" "
+            "(at the last timestep the input is pure noise, so an epsilon target carries no information)")
+    require(t.max_steps >= 1, f"training.max_steps must be >= 1, got {t.max_steps}")
+    require(t.learning_rate > 0, f"training.learning_rate must be > 0, got {t.learning_rate}")
+    require(t.text_encoder_lr is None or t.text_encoder_lr >= 0,
+            f"training.text_encoder_lr must be >= 0, got {t.text_encoder_lr}")
+    require(t.lr_warmup_steps >= 0, f"training.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
+    require(t.gradient_accumulation_steps >= 1,
+            f"training.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}")
+    for key in ("save_every_steps", "save_state_every_steps", "sample_every_steps"):
+        require(getattr(t, key) >= 0, f"training.{key} must be >= 0 (0 = off), got {getattr(t, key)}")
+    require(t.sample_steps >= 1, f"training.sample_steps must be >= 1, got {t.sample_steps}")
+    require(t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    require(t.prior_loss_weight >= 0, f"training.prior_loss_weight must be >= 0, got {t.prior_loss_weight}")
+    require(t.max_nonfinite_steps >= 1, f"training.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    require(bool(t.output_name) and not re.search(r"[/\\]", t.output_name),
+            f"training.output_name must be a file name without folders, got {t.output_name!r}")
+    require(t.sample_every_steps == 0 or bool(t.sample_prompts),
+            "training.sample_every_steps is set but training.sample_prompts is empty: add prompts or set it to 0")
+    _check_scheduler_name(t.lr_scheduler, source)
+    for key in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        value = getattr(d, key)
+        # SD 1.x: the VAE divides by 8 and the UNet halves the latent three times.
+        require(value >= 64 and value % 64 == 0, f"dataset.{key} must be a positive multiple of 64, got {value}")
+    require(d.batch_size >= 1, f"dataset.batch_size must be >= 1, got {d.batch_size}")
+    require(d.min_bucket_reso <= d.max_bucket_reso,
+            f"dataset.min_bucket_reso ({d.min_bucket_reso}) must be <= dataset.max_bucket_reso ({d.max_bucket_reso})")
+    _resolve_kohya_folders(d, source)
+    require(bool(d.subsets), "no training images configured: add [[dataset.subsets]] with image_dir, "
+                             "or set dataset.train_data_dir to a kohya-style folder")
+    for i, s in enumerate(d.subsets):
+        key = f"dataset.subsets[{i}]"
+        require(bool(s.image_dir), f"{key}.image_dir is required")
+        require(s.num_repeats >= 1, f"{key}.num_repeats must be >= 1, got {s.num_repeats}")
+        require(s.keep_tokens >= 0, f"{key}.keep_tokens must be >= 0, got {s.keep_tokens}")
+        require(s.num_class_images >= 0, f"{key}.num_class_images must be >= 0, got {s.num_class_images}")
+        require(s.is_reg or s.num_class_images == 0,
+                f"{key}.num_class_images is only for regularization subsets (is_reg = true)")
+        require(not (s.is_reg and s.num_class_images > 0 and not s.class_tokens),
+                f"{key}: generating class images needs class_tokens (the class prompt, e.g. \"dog\")")
+        require(s.caption_extension.startswith("."),
+                f"{key}.caption_extension must start with '.', e.g. \".txt\", got {s.caption_extension!r}")
+    require(any(not s.is_reg for s in d.subsets), "every dataset subset has is_reg = true: add an instance subset")
+
+
+def _check_scheduler_name(name: str, source: str) -> None:
+    from diffusers.optimization import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        raise UserError(f"{source}: training.lr_scheduler {name!r} is not a scheduler{_suggest(name, names)}")
+
+
+def _resolve_kohya_folders(d: DatasetConfig, source: str) -> None:
+    """train_data_dir/reg_data_dir subfolders -> subsets; `N_tokens` folder names -> repeats and tokens."""
+    for root, is_reg, key in ((d.train_data_dir, False, "dataset.train_data_dir"),
+                              (d.reg_data_dir, True, "dataset.reg_data_dir")):
+        if root is None:
+            continue
+        folder = Path(root)
+        if not folder.is_dir():
+            raise UserError(f"{source}: {key} = {root!r} is not a folder")
+        matched, ignored = [], []
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            (matched if KOHYA_FOLDER.match(sub.name) else ignored).append(sub)
+        if ignored:
+            log.warning("%s: ignored %d subfolder(s) not named <repeats>_<class tokens>: %s",
+                        key, len(ignored), ", ".join(p.name for p in ignored))
+        if not matched:
+            raise UserError(f"{source}: {key} = {root!r} has no subfolder named like '10_sks dog' "
+                            "(<repeats>_<class tokens>)")
+        d.subsets.extend(SubsetConfig(image_dir=str(p), is_reg=is_reg) for p in matched)
+    for s in d.subsets:
+        match = KOHYA_FOLDER.match(Path(s.image_dir).name) if s.image_dir else None
+        if match is None:
+            continue
+        if s.num_repeats == 1:  # kohya: the folder's number applies unless the config sets repeats
+            s.num_repeats = int(match.group(1))
+        if s.class_tokens is None:
+            s.class_tokens = match.group(2)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
