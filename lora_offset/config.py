@@ -86,6 +86,9 @@ class TrainingConfig:
     cache_latents_to_disk: bool = False
     logging_dir: Optional[str] = None  # default: {output_dir}/logs
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row
+    torch_compile: bool = False  # torch.compile the UNet (GPU throughput; slow first steps)
+    channels_last: bool = False  # channels-last memory format for the UNet (GPU throughput)
+    allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
 
 
 @dataclass

@@ -39,7 +39,10 @@ class TrainingInterrupted(Exception):
     """Ctrl-C: a resumable state and the current adapter were saved."""
 
 
-def train(config: Config, resume: str | None = None) -> Path:
+def train(config: Config, resume: str | None = None, base: "models.BaseModel | None" = None,
+          hooks=None) -> Path:
+    """Train and export. `base` replaces loading config.model (benchmarks pass random-init SD 1.5);
+    `hooks` (optional) gets `on_step_start(step)` and `on_step_end(step, loss)` around each optimizer step."""
     t, net, noise_cfg = config.training, config.network, config.noise
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -70,9 +73,14 @@ def train(config: Config, resume: str | None = None) -> Path:
     dataset = data.build_dataset(global_batch_cfg, seed=t.seed)  # UserError if no readable instance image
 
     # ---- base model, frozen, in half precision on GPU -------------------------------------
-    base = models.load_base_model(config.model, dtype=weight_dtype)
+    if base is None:
+        base = models.load_base_model(config.model, dtype=weight_dtype)
+    else:
+        for module in (base.unet, base.vae, base.text_encoder):
+            module.requires_grad_(False).to(weight_dtype)
     unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
-    scheduler = make_noise_scheduler(base.scheduler_config, config)
+    scheduler = noise.training_scheduler(base.scheduler_config, zero_terminal_snr=noise_cfg.zero_terminal_snr,
+                                         prediction_type=config.model.prediction_type)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     num_train_timesteps = scheduler.config.num_train_timesteps
     vae.to(device)
@@ -98,6 +106,11 @@ def train(config: Config, resume: str | None = None) -> Path:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     unet.train()
     text_encoder.train(net.train_text_encoder)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
+        torch.backends.cudnn.allow_tf32 = t.allow_tf32
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
 
     # ---- caches: latents and (frozen encoder) text embeddings, then move the encoders off the GPU
     scaling_factor = vae.config.scaling_factor
@@ -123,6 +136,7 @@ def train(config: Config, resume: str | None = None) -> Path:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
+    forward_unet = torch.compile(unet) if t.torch_compile else unet
     trainable = unet_params + te_params
 
     # ---- resume: adapter weights, optimizer, schedule, RNG, step -----------------------------
@@ -144,6 +158,8 @@ def train(config: Config, resume: str | None = None) -> Path:
     progress = tqdm(total=t.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     # ---- the loop -----------------------------------------------------------------------------
     while step < t.max_steps:
+        if hooks is not None:
+            hooks.on_step_start(step)
         loss_sum = 0.0
         for micro in range(t.gradient_accumulation_steps):
             batch = dataset.batch(step * t.gradient_accumulation_steps + micro)
@@ -172,7 +188,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                 else:
                     cond = encode_prompts(tokenizer, text_encoder, captions)
                 with accelerator.autocast():
-                    pred = unet(noisy_latents.to(weight_dtype), timesteps, cond).sample
+                    pred = forward_unet(noisy_latents.to(weight_dtype), timesteps, cond).sample
                 loss = dreambooth_loss(
                     noise.per_sample_loss(pred.float(), target.float()), is_reg, t.prior_loss_weight,
                     weights=min_snr(noise_cfg, alphas_cumprod, timesteps, config.model.prediction_type),
@@ -211,6 +227,8 @@ def train(config: Config, resume: str | None = None) -> Path:
         nonfinite_in_a_row = 0
         lr_scheduler.step()
         step += 1
+        if hooks is not None:
+            hooks.on_step_end(step, loss_sum)
 
         # ---- logs, samples, saves (main process writes; everyone waits) --------------------
         lr = lr_scheduler.get_last_lr()[0]
@@ -278,15 +296,6 @@ def estimate_adapter_bytes(net) -> int:
     return int(0.85e6 * (net.rank + net.conv_rank) * 4 * 3) + (16 << 20)
 
 
-def make_noise_scheduler(scheduler_config: dict, config: Config):
-    from diffusers import DDPMScheduler
-
-    overrides = {"prediction_type": config.model.prediction_type}
-    if config.noise.zero_terminal_snr:
-        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    return DDPMScheduler.from_config({**scheduler_config, **overrides})
-
-
 def generate_class_images(config: Config, base, device) -> bool:
     """Fill regularization folders up to num_class_images with the base model's images of class_tokens."""
     missing = [(s, data.missing_class_images(s)) for s in config.dataset.subsets if s.is_reg and s.num_class_images]
@@ -329,7 +338,9 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    # fused: one kernel for the whole update on CUDA (LoRA weights are fp32, which it requires)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=on_cuda or None)
 
 
 def process_slice(is_reg: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -439,7 +450,6 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
     state = export.kohya_state_dict(unet_model, te_model)
     metadata = export.ss_metadata(
         output_name=t.output_name,
-        prediction_type=config.model.prediction_type,
         network_dim=net.rank,
         network_alpha=net.alpha,
         conv_dim=net.conv_rank,
@@ -454,13 +464,13 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         num_train_images=dataset.num_instance_images,
         num_reg_images=dataset.num_reg_images,
         tag_frequency=dataset.tag_frequency,
-        noise=dataclasses.asdict(z),
+        noise={**dataclasses.asdict(z), "prediction_type": config.model.prediction_type},
         started_at=started_at,
         finished_at=time.time(),
         seed=t.seed,
         mixed_precision=t.mixed_precision,
         prior_loss_weight=t.prior_loss_weight,
-        base_model=config.model.pretrained,
+        base_model_name=config.model.pretrained,
     )
     return export.save_lora(path, state, metadata, precision=t.save_precision)
 
