@@ -1,0 +1,419 @@
+"""`lora-offset eval`: generate images from a base model and each LoRA, and report their brightness.
+
+Offset noise exists because SD 1.x cannot make very dark or very bright images: its samples
+cluster at mid-gray. This command measures that directly. For each setting (the base model, then
+each LoRA at its weight) and each prompt it generates N images from the same seeds (seed + i),
+and reports, on Rec. 709 luminance of the sRGB values in [0, 1]:
+  mean luminance (mean over images of each image's mean) and its spread (std across images),
+  the mean of the UNCLAMPED decode (noise clamped to [0, 1] averages 0.5 and fakes a gray result),
+  the 1st / 99th percentile of pixel luminance, the fraction of pixels below 0.05 and above 0.95.
+Each LoRA is sampled the way it was trained (read from its safetensors metadata): a
+zero-terminal-SNR / v-prediction LoRA gets rescaled betas, trailing timesteps, guidance rescale
+0.7 and v-prediction.
+
+Outputs (all written atomically) in --out: report.json, report.md, one image grid per setting and
+prompt, and luminance-histograms.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lora_offset.errors import UserError
+from lora_offset.fileio import atomic_write, atomic_write_text
+
+REC709 = np.array([0.2126, 0.7152, 0.0722])
+DARK, BRIGHT = 0.05, 0.95
+HISTOGRAM_BINS = 50
+PLOT_NAME = "luminance-histograms.png"
+
+
+# ----------------------------------------------------------------------------- metrics (pure)
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Rec. 709 luma of channel-last RGB values: (..., 3) -> (...). No clamping, no linearization."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    if rgb.shape[-1] != 3:
+        raise ValueError(f"expected channel-last RGB (..., 3), got shape {rgb.shape}")
+    return rgb @ REC709
+
+
+def brightness_stats(images: np.ndarray, unclamped: np.ndarray | None = None) -> dict:
+    """Brightness statistics of N images (N, H, W, 3) with values in [0, 1].
+
+    `unclamped` is the same images before clamping (any range); its mean luminance shows whether
+    a gray-looking mean is real or clamped noise. Returns plain floats and lists (JSON-ready).
+    """
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty batch (N, H, W, 3), got shape {images.shape}")
+    lum = luminance(images)  # (N, H, W)
+    per_image = lum.reshape(lum.shape[0], -1).mean(axis=1)
+    stats = {
+        "mean_luminance": float(per_image.mean()),
+        "std_luminance": float(per_image.std()),
+        "mean_luminance_unclamped": float(luminance(unclamped).mean()) if unclamped is not None else None,
+        "p1": float(np.percentile(lum, 1)),
+        "p99": float(np.percentile(lum, 99)),
+        "frac_below_0_05": float((lum < DARK).mean()),
+        "frac_above_0_95": float((lum > BRIGHT).mean()),
+        "per_image_mean": [float(v) for v in per_image],
+    }
+    return stats
+
+
+def luminance_histogram(images: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[float]:
+    """Fraction of pixels in each of `bins` equal luminance bins over [0, 1] (sums to 1)."""
+    lum = luminance(np.asarray(images, dtype=np.float64)).ravel()
+    counts, _ = np.histogram(np.clip(lum, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    return [float(c) for c in counts / max(lum.size, 1)]
+
+
+def image_grid(images: Sequence, cols: int | None = None):
+    """Tile equally sized PIL images into one image, row by row (ceil(sqrt(n)) columns by default)."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images to tile")
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ----------------------------------------------------------------------------- sampling settings
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+
+
+def parse_lora_spec(text: str) -> LoraSpec:
+    """'FILE' or 'FILE:WEIGHT' -> LoraSpec. A colon followed by a non-number is part of the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return LoraSpec(Path(path), float(tail))
+        except ValueError:
+            pass
+    return LoraSpec(Path(text), 1.0)
+
+
+def _true(value) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def sampling_from_metadata(metadata: dict | None) -> SamplingSettings:
+    """How a LoRA must be sampled, from its safetensors metadata (kohya and modelspec fields).
+
+    v-prediction: ss_base_model_version "sd_v1_v", ss_v_parameterization "True", or
+    modelspec.prediction_type / ss_prediction_type "v" / "v_prediction". Zero terminal SNR:
+    ss_zero_terminal_snr "True". With zero terminal SNR alpha_bar_T = 0, where an epsilon model
+    cannot predict x0 (the first DDIM step divides by zero): a file that says zero terminal SNR and
+    nothing about the prediction type is taken as v-prediction (Lin et al. pair the two, and so
+    does our trainer); one that explicitly says epsilon (kohya allows that for training) is
+    sampled as kohya samples it, on the standard schedule.
+    """
+    md = metadata or {}
+    v_values = ("v", "v_prediction")
+    v_pred = (
+        str(md.get("ss_base_model_version", "")).endswith("_v")
+        or _true(md.get("ss_v_parameterization", "False"))
+        or md.get("ss_prediction_type") in v_values
+        or md.get("modelspec.prediction_type") in v_values
+    )
+    explicit_eps = not v_pred and (
+        "ss_v_parameterization" in md or md.get("ss_prediction_type") == "epsilon"
+        or md.get("modelspec.prediction_type") == "epsilon"
+    )
+    ztsnr = _true(md.get("ss_zero_terminal_snr", "False"))
+    if ztsnr and explicit_eps:
+        return SamplingSettings("epsilon", False)
+    return SamplingSettings("v_prediction" if (v_pred or ztsnr) else "epsilon", ztsnr)
+
+
+def sampling_from_scheduler(scheduler_config: dict) -> SamplingSettings:
+    """How the base model itself is sampled: its scheduler config's prediction type and schedule."""
+    pred = scheduler_config.get("prediction_type", "epsilon")
+    return SamplingSettings(pred if pred in ("epsilon", "v_prediction") else "epsilon",
+                            bool(scheduler_config.get("rescale_betas_zero_snr", False)))
+
+
+def read_lora_file(path: Path) -> tuple[dict, dict]:
+    """(state_dict, metadata) of a .safetensors LoRA file; UserError for a missing or unreadable one."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}")
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"{path}: eval reads LoRA files in .safetensors format only (convert it with `lora-offset convert`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+# ----------------------------------------------------------------------------- models
+
+def _load_base(path: str, allow_pickle: bool) -> dict:
+    """Base model components {unet, vae, text_encoder, tokenizer, scheduler_config}: a diffusers
+    folder, a hub id or a single-file SD 1.x checkpoint (lora_offset.models does the work)."""
+    from lora_offset.config import ModelConfig
+    from lora_offset.models import load_base_model
+
+    base = load_base_model(ModelConfig(pretrained=str(path), allow_pickle=allow_pickle))
+    return {**base.components(), "scheduler_config": dict(base.scheduler_config)}
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+def _setting_names(loras: Sequence[LoraSpec]) -> list[str]:
+    names, seen = ["base"], {"base"}
+    for spec in loras:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.path.stem) or "lora"
+        name = stem if spec.weight == 1.0 else f"{stem}@{spec.weight:g}"
+        candidate, k = name, 2
+        while candidate in seen:
+            candidate, k = f"{name}-{k}", k + 1
+        seen.add(candidate)
+        names.append(candidate)
+    return names
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = "-".join(p for p in re.sub(r"[^a-z0-9]+", "-", text.lower()).split("-") if p)
+    return slug[:limit] or "prompt"
+
+
+def _versions() -> dict:
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    from lora_offset import __version__
+
+    return {"lora_offset": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "numpy": np.__version__, "platform": platform.platform()}
+
+
+def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: Sequence[str] = ("a photo",),
+             n: int = 16, steps: int = 30, seed: int = 0, out: str | os.PathLike = "eval", *,
+             guidance_scale: float = 7.5, resolution: int = 512, allow_pickle: bool = False,
+             negative_prompt: str = "", batch_size: int = 4, components: dict | None = None) -> dict:
+    """Generate N images per setting and prompt, write the report files into `out`, return the report.
+
+    `base`: diffusers folder, hub id or single-file SD 1.x checkpoint (see lora_offset.models).
+    `loras`: LoraSpec, "FILE[:WEIGHT]" strings or (path, weight) pairs. `components` (optional):
+    already-loaded base components {unet, vae, text_encoder, tokenizer, and scheduler_config (a
+    dict) or scheduler} used instead of loading `base` (the demo and tests use it); they must not
+    carry a LoRA already, and are moved to the evaluation device.
+    """
+    from lora_offset.sample import ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded, to_pil, to_unit_range
+
+    specs = [s if isinstance(s, LoraSpec) else parse_lora_spec(s) if isinstance(s, str) else LoraSpec(Path(s[0]), float(s[1]))
+             for s in loras]
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("give at least one --prompt")
+    if n < 1 or steps < 1:
+        raise UserError(f"--n and --steps must be at least 1 (got n={n}, steps={steps})")
+    if resolution < 8 or resolution % 8:
+        raise UserError(f"--resolution must be a positive multiple of 8, got {resolution}")
+    lora_files = [read_lora_file(s.path) for s in specs]  # fail fast, before loading the base model
+
+    out = Path(out)
+    if components is None:
+        components = _load_base(base, allow_pickle)
+    device = _device()
+    for key in ("unet", "vae", "text_encoder"):
+        components[key].to(device)
+    scheduler_config = dict(components["scheduler_config"] if "scheduler_config" in components
+                            else components["scheduler"].config)
+
+    names = _setting_names(specs)
+    report = {"settings": {}, "config": {
+        "base": str(base), "loras": [{"path": str(s.path), "weight": s.weight} for s in specs],
+        "prompts": prompts, "n": n, "steps": steps, "seed": seed, "guidance_scale": guidance_scale,
+        "resolution": resolution, "negative_prompt": negative_prompt, "device": str(device),
+        "luminance": "Rec. 709 (0.2126 R + 0.7152 G + 0.0722 B) on sRGB values in [0, 1]",
+    }, "versions": _versions()}
+    histograms: dict[str, dict[str, list[float]]] = {}
+    seeds = [seed + i for i in range(n)]
+
+    for index, name in enumerate(names):
+        spec = specs[index - 1] if index else None
+        if spec is None:
+            sampling = sampling_from_scheduler(scheduler_config)
+        else:
+            sampling = sampling_from_metadata(lora_files[index - 1][1])
+        pipe = build_pipeline(components["unet"], components["vae"], components["text_encoder"],
+                              components["tokenizer"], scheduler_config,
+                              prediction_type=sampling.prediction_type, zero_terminal_snr=sampling.zero_terminal_snr)
+        adapter = f"eval_{index}"
+        if spec is not None:
+            _load_lora(pipe, spec, lora_files[index - 1][0], adapter)
+        try:
+            entry = {"lora": str(spec.path) if spec else None, "weight": spec.weight if spec else None,
+                     "sampling": {"prediction_type": sampling.prediction_type,
+                                  "zero_terminal_snr": sampling.zero_terminal_snr,
+                                  "timestep_spacing": pipe.scheduler.config.timestep_spacing,
+                                  "guidance_rescale": ZTSNR_GUIDANCE_RESCALE if sampling.zero_terminal_snr else 0.0},
+                     "prompts": {}}
+            histograms[name] = {}
+            for p_index, prompt in enumerate(prompts):
+                decoded = generate_decoded(pipe, [prompt] * n, seeds, steps=steps, guidance_scale=guidance_scale,
+                                           height=resolution, width=resolution, negative_prompt=negative_prompt,
+                                           batch_size=batch_size).numpy()
+                images = to_unit_range(decoded)
+                stats = brightness_stats(images, unclamped=np.transpose(decoded, (0, 2, 3, 1)) / 2 + 0.5)
+                grid_name = f"grid_{name}_{p_index:02d}_{_slug(prompt)}.png"
+                grid = image_grid(to_pil(images))
+                atomic_write(out / grid_name, lambda tmp, g=grid: g.save(tmp, format="PNG"))
+                stats["grid"] = grid_name
+                entry["prompts"][prompt] = stats
+                histograms[name][prompt] = luminance_histogram(images)
+            report["settings"][name] = entry
+        finally:
+            if spec is not None:
+                pipe.unload_lora_weights()
+
+    report["plot"] = PLOT_NAME
+    write_histogram_plot(histograms, out / PLOT_NAME)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", render_markdown(report))
+    return report
+
+
+def _load_lora(pipe, spec: LoraSpec, state_dict: dict, adapter: str) -> None:
+    try:
+        pipe.load_lora_weights(state_dict, adapter_name=adapter)
+    except (ValueError, KeyError, RuntimeError) as e:
+        pipe.unload_lora_weights()
+        raise UserError(f"{spec.path}: not an SD 1.x LoRA that matches this base model "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    pipe.set_adapters([adapter], [spec.weight])
+
+
+# ----------------------------------------------------------------------------- report files
+
+def write_histogram_plot(histograms: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """One panel per prompt, one luminance-histogram curve per setting; PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = list(dict.fromkeys(p for per_prompt in histograms.values() for p in per_prompt))
+    fig, axes = plt.subplots(len(prompts), 1, figsize=(7, 2.8 * len(prompts)), squeeze=False)
+    for ax, prompt in zip(axes[:, 0], prompts):
+        for name, per_prompt in histograms.items():
+            if prompt in per_prompt:
+                fractions = np.asarray(per_prompt[prompt])
+                centers = (np.arange(fractions.size) + 0.5) / fractions.size
+                ax.plot(centers, fractions * 100, label=name)
+        ax.set_title(prompt if len(prompt) < 70 else prompt[:67] + "...", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("luminance (Rec. 709, sRGB in [0, 1])")
+        ax.set_ylabel("% of pixels")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def render_markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        "# Brightness report",
+        "",
+        f"Base `{cfg['base']}`, {cfg['n']} images per setting and prompt (seeds {cfg['seed']}..{cfg['seed'] + cfg['n'] - 1}), "
+        f"{cfg['steps']} DDIM steps, guidance {cfg['guidance_scale']}, {cfg['resolution']}x{cfg['resolution']}.",
+        "Luminance: Rec. 709 (0.2126 R + 0.7152 G + 0.0722 B) on sRGB values in [0, 1]. "
+        "*Unclamped* is the mean before clamping the decode to [0, 1]: when it differs much from the "
+        "mean, the images are noisy rather than gray.",
+        "",
+        "| setting | prompt | mean luminance ± spread | unclamped | p1 | p99 | frac < 0.05 | frac > 0.95 | grid |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["settings"].items():
+        label = name if entry["lora"] is None else f"{name} (×{entry['weight']:g})"
+        for prompt, s in entry["prompts"].items():
+            unclamped = "" if s["mean_luminance_unclamped"] is None else f"{s['mean_luminance_unclamped']:.3f}"
+            lines.append(
+                f"| {label} | {prompt.replace('|', '/')} | {s['mean_luminance']:.3f} ± {s['std_luminance']:.3f} | "
+                f"{unclamped} | {s['p1']:.3f} | {s['p99']:.3f} | {s['frac_below_0_05']:.3f} | "
+                f"{s['frac_above_0_95']:.3f} | [grid]({s['grid']}) |"
+            )
+    lines += ["", "Sampling per setting (from each LoRA's metadata):", ""]
+    for name, entry in report["settings"].items():
+        sm = entry["sampling"]
+        lines.append(f"- {name}: {sm['prediction_type']}, zero terminal SNR {sm['zero_terminal_snr']}, "
+                     f"{sm['timestep_spacing']} timesteps, guidance rescale {sm['guidance_rescale']}")
+    lines += ["", f"![luminance histograms]({report['plot']})", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="MODEL", help="base SD 1.x model: diffusers folder, hub id or single .safetensors file")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="a LoRA .safetensors file and its weight (default 1.0); repeat for several")
+    parser.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
+    parser.add_argument("--negative-prompt", default="", metavar="TEXT")
+    parser.add_argument("--n", type=int, default=16, help="images per setting and prompt (default 16)")
+    parser.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--out", default="eval", metavar="DIR", help="output folder (default ./eval)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (default 512)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images generated at once (default 4)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt) base checkpoint (weights only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate(args.base, [parse_lora_spec(s) for s in args.lora], args.prompt, n=args.n, steps=args.steps,
+                      seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
+                      allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size)
+    for name, entry in report["settings"].items():
+        for prompt, s in entry["prompts"].items():
+            print(f"{name:>20}  mean {s['mean_luminance']:.3f} ± {s['std_luminance']:.3f}  "
+                  f"<0.05 {s['frac_below_0_05']:.3f}  >0.95 {s['frac_above_0_95']:.3f}  {prompt}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

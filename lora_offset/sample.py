@@ -1,0 +1,174 @@
+"""Image generation shared by the trainer (sample images, class images) and `lora-offset eval`.
+
+Sampling must match how a model was trained: a zero-terminal-SNR / v-prediction LoRA needs the
+rescaled schedule, trailing timesteps (so the first step starts at t = T, where the signal is
+exactly zero) and guidance rescale; an epsilon LoRA on SD's standard schedule needs none of that.
+`build_pipeline` makes that choice once; `generate` is deterministic per seed (one
+torch.Generator per image), so the same seed gives the same starting noise in every setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from lora_offset.fileio import atomic_write
+
+ZTSNR_GUIDANCE_RESCALE = 0.7  # Lin et al. 2023, section 3.4
+
+
+def sampling_scheduler_config(scheduler_config: dict, *, prediction_type: str = "epsilon",
+                              zero_terminal_snr: bool = False) -> dict:
+    """The DDIM config to sample with, derived from the training scheduler config (pure)."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    config["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        config["rescale_betas_zero_snr"] = True
+        config["timestep_spacing"] = "trailing"
+    return config
+
+
+def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, *,
+                   prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """A StableDiffusionPipeline around the given (possibly LoRA'd, possibly training) models.
+
+    No safety checker. The scheduler is DDIM made from the training scheduler's config; the models
+    are used as they are (no copy, no dtype or mode change: `generate` switches to eval mode only
+    while it runs).
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler.from_config(
+        sampling_scheduler_config(scheduler_config, prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr)
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def is_zero_terminal_snr(pipe) -> bool:
+    return bool(pipe.scheduler.config.get("rescale_betas_zero_snr", False))
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Put models in eval mode (no dropout) for the block; restore every submodule's flag after."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def _autocast(pipe):
+    # Training on a GPU may keep the frozen base weights in fp16/bf16 next to fp32 LoRA weights:
+    # autocast lets those mix. On the CPU (and for fp32 models) run as is.
+    device = pipe.unet.device
+    if device.type == "cuda" and pipe.unet.dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast("cuda", dtype=pipe.unet.dtype)
+    return contextlib.nullcontext()
+
+
+def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30,
+                     guidance_scale: float = 7.5, guidance_rescale: float | None = None,
+                     height: int = 512, width: int = 512, negative_prompt: str = "",
+                     batch_size: int = 4) -> torch.Tensor:
+    """Generate one image per (prompt, seed) pair; return the raw VAE decode, float32 (N, 3, H, W).
+
+    Values are in the VAE's [-1, 1] range but NOT clamped: an under-trained or noisy sample
+    overshoots both ends, and clamping it would fake a mid-gray mean. Image i starts from
+    torch.Generator().manual_seed(seeds[i]) noise, whatever the batching.
+    """
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    if guidance_rescale is None:
+        guidance_rescale = ZTSNR_GUIDANCE_RESCALE if is_zero_terminal_snr(pipe) else 0.0
+    batch_size = max(1, int(batch_size))
+    device = pipe.unet.device
+    vae = pipe.vae
+    decoded = []
+    with eval_mode(pipe.unet, pipe.text_encoder, vae), torch.no_grad(), _autocast(pipe):
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            # The initial noise is drawn on the CPU so that a seed means the same image on any device.
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
+            latents = torch.stack([
+                torch.randn((vae.config.latent_channels, height // 8, width // 8), generator=g)
+                for g in generators
+            ]).to(device=device, dtype=pipe.unet.dtype)
+            latents = pipe(
+                prompt=chunk,
+                negative_prompt=[negative_prompt] * len(chunk),
+                height=height, width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                latents=latents,
+                output_type="latent",
+            ).images
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            decoded.append(image.float().cpu())
+    return torch.cat(decoded)
+
+
+def to_unit_range(decoded: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Raw decode (N, 3, H, W) in [-1, 1] -> channel-last float array (N, H, W, 3) in [0, 1], clamped."""
+    x = decoded.numpy() if isinstance(decoded, torch.Tensor) else np.asarray(decoded)
+    return np.clip(np.transpose(x, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+
+
+def to_pil(images: np.ndarray) -> list:
+    """(N, H, W, 3) floats in [0, 1] -> list of RGB PIL images (rounded to 8 bits as diffusers does)."""
+    from PIL import Image
+
+    return [Image.fromarray(np.round(np.clip(im, 0, 1) * 255).astype(np.uint8), mode="RGB") for im in images]
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30,
+             guidance_scale: float = 7.5, guidance_rescale: float | None = None,
+             height: int = 512, width: int = 512, negative_prompt: str = "", batch_size: int = 4) -> list:
+    """One PIL image per (prompt, seed) pair; deterministic per seed.
+
+    guidance_rescale None means 0.7 for a zero-terminal-SNR scheduler and 0 otherwise.
+    """
+    decoded = generate_decoded(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, height=height, width=width,
+                               negative_prompt=negative_prompt, batch_size=batch_size)
+    return to_pil(to_unit_range(decoded))
+
+
+def sample_filename(step: int, index: int, prompt: str) -> str:
+    """'step000500_00_a-photo-of-sks-dog.png': zero-padded so names sort by step, then index."""
+    slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")
+    slug = "-".join(part for part in slug.split("-") if part)[:48] or "prompt"
+    return f"step{int(step):09d}_{index:02d}_{slug}.png"
+
+
+def save_samples(images: Sequence, folder: str | os.PathLike, step: int, prompts: Sequence[str]) -> list[Path]:
+    """Write sample images as PNGs (atomically) into `folder`; return their paths in order."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    folder = Path(folder)
+    paths = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        path = folder / sample_filename(step, i, prompt)
+        atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
