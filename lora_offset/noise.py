@@ -2,7 +2,8 @@
 
 Nothing here does I/O or touches a global random state: every random function takes a
 ``torch.Generator | None`` and passes it to ``torch.randn``/``torch.rand``/``torch.randint``, so a
-seeded generator reproduces every draw (on CPU, and on any device whose generator it is).
+seeded generator reproduces every draw. Draws happen on the generator's device and are moved to the
+latents' device: a CPU generator gives the same noise whether the latents live on CPU or GPU.
 Latents ``x`` have shape (B, C, H, W); ``timesteps`` are int64 of shape (B,).
 
 Noise
@@ -58,8 +59,19 @@ import torch.nn.functional as F
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
+    """Draw on the generator's device (a CPU generator then gives the same numbers for CPU and GPU
+    latents); results are moved to `like`'s device."""
+    return like.device if generator is None else generator.device
+
+
+def _randn(shape, like: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None):
+    device = _draw_device(generator, like)
+    return torch.randn(shape, generator=generator, dtype=dtype or like.dtype, device=device).to(like.device)
+
+
+def _rand(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=_draw_device(generator, like)).to(like.device)
 
 
 def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -92,12 +104,12 @@ def offset_noise(
     batch, channels = x.shape[:2]
     strength = torch.full((batch,), float(offset), dtype=torch.float32, device=x.device)
     if random_strength:
-        strength = strength * torch.rand(batch, generator=generator, device=x.device)
+        strength = strength * _rand(batch, x, generator)
     strength = _per_sample(strength, x.ndim)  # (B, 1, 1, 1)
     if adaptive_offset != 0:
         channel_mean = x.float().mean(dim=tuple(range(2, x.ndim)), keepdim=True).abs()  # (B, C, 1, 1)
         strength = (strength + adaptive_offset * channel_mean).clamp(min=0)
-    constant = torch.randn((batch, channels) + (1,) * (x.ndim - 2), generator=generator, device=x.device)
+    constant = _randn((batch, channels) + (1,) * (x.ndim - 2), x, generator, dtype=torch.float32)
     return noise + (strength * constant).to(noise.dtype)
 
 
@@ -122,9 +134,9 @@ def pyramid_noise(
         return noise
     total = noise.float()
     for level in range(1, iterations + 1):
-        factor = 2.0 + 2.0 * torch.rand((), generator=generator, device=x.device).item()
+        factor = 2.0 + 2.0 * _rand((), x, generator).item()
         size = (max(1, int(height / factor**level)), max(1, int(width / factor**level)))
-        low = torch.randn((batch, channels, *size), generator=generator, device=x.device)
+        low = _randn((batch, channels, *size), x, generator, dtype=torch.float32)
         total = total + discount**level * F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
         if min(size) == 1:  # nothing lower left to add (kohya stops here too)
             break
@@ -175,7 +187,9 @@ def sample_timesteps(
         raise ValueError(
             f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps}, got [{min_timestep}, {high})"
         )
-    return torch.randint(min_timestep, high, (batch_size,), generator=generator, device=device, dtype=torch.int64)
+    draw_device = device if generator is None else generator.device
+    timesteps = torch.randint(min_timestep, high, (batch_size,), generator=generator, device=draw_device)
+    return timesteps.to(device)  # int64 (randint's default); device None: where it was drawn
 
 
 def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:

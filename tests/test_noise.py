@@ -364,6 +364,20 @@ def test_per_sample_loss():
         N.per_sample_loss(pred, target[:2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_generator_gives_the_same_noise_on_gpu():
+    x = torch.randn(2, 4, 16, 16)
+    cfg = noise_cfg(offset=0.1, adaptive_offset=0.05, offset_random_strength=True, pyramid_iterations=3)
+    on_cpu = N.sample_noise(x, cfg, gen(30))
+    on_gpu = N.sample_noise(x.cuda(), cfg, gen(30))
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu)  # bilinear upsampling may round differently
+    steps = N.sample_timesteps(8, 1000, gen(31), device="cuda")
+    assert steps.device.type == "cuda" and torch.equal(steps.cpu(), N.sample_timesteps(8, 1000, gen(31)))
+    perturbed = N.perturb_noise(on_gpu, 0.1, gen(32))
+    assert perturbed.device.type == "cuda"
+
+
 # ------------------------------------------------------------------------------------ properties
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 12), st.integers(1, 12))
