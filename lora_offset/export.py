@@ -1,0 +1,330 @@
+"""Write a PEFT-LoRA'd SD 1.x model as a kohya / A1111 LoRA file (.safetensors).
+
+Per LoRA'd module the file holds (see DESIGN.md §3)::
+
+    <kohya name>.lora_down.weight   PEFT lora_A   [r, in] or [r, in, kh, kw]
+    <kohya name>.lora_up.weight     PEFT lora_B   [out, r] or [out, r, 1, 1]
+    <kohya name>.alpha              0-dim scalar; every loader applies scale = alpha / r
+
+Alpha: one value for the whole file, the scale folded into lora_up where a module differs.
+Each module's true scale is the PEFT layer's own `scaling` (lora_alpha / r, or / sqrt(r) under
+rsLoRA, with rank_pattern / alpha_pattern applied). The plain way to store it is alpha = scaling * r
+per module, but diffusers 0.42 (`load_lora_weights`) cannot read alphas that differ between the
+modules of one model: it keeps the most common alpha as `lora_alpha` and sends the others to
+PEFT's `alpha_pattern` under names built by `_get_alpha_name`, which for the UNet attention
+projections ("...attn1.processor.to_q_lora.down.weight.alpha") and for every text-encoder module
+("...self_attn" / "...mlp.fc1.lora_linear_layer") match no module, so those modules silently get
+the common alpha (tests/test_export.py pins this). With one alpha per file every loader (A1111,
+Forge, ComfyUI, InvokeAI, kohya, diffusers) computes the same delta:
+
+    alpha_file = the most common scaling * r over the modules (normally the network alpha)
+    lora_up'   = lora_up * (scaling * r / alpha_file)     for the modules whose value differs
+    => alpha_file / r * lora_up' @ lora_down == scaling * lora_up @ lora_down
+
+So a plain rank-16 / alpha-8 LoRA is written exactly as kohya writes it; with conv LoRA and a
+conv_alpha / conv_dim ratio that differs from alpha / dim, the conv modules carry their scale in
+lora_up, and `ss_network_args` still records the conv_dim / conv_alpha they were trained with.
+
+Hashes (`sshs_model_hash`, `sshs_legacy_hash`) follow kohya's `precalculate_safetensors_hashes`:
+both are taken from the serialization of the tensors with only the `ss_*` metadata, so that
+editing other metadata later does not change them. Tensors are stored in the save precision,
+alphas included (kohya casts its whole state dict, alpha buffers too).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from lora_offset.errors import UserError
+from lora_offset.fileio import atomic_path
+from lora_offset.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from lora_offset.lora import ADAPTER_NAME
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# PEFT `init_lora_weights` values whose adapter is exactly W + scaling * B @ A on the untouched
+# base weight. PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weight at init (the file
+# would then apply to a base model nobody has); MiCA is a LoRA variant with its own forward.
+EXPORTABLE_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+# Noise settings -> kohya metadata names. Values are written as kohya writes its argparse values:
+# str(value), so None (off) is "None" and flags are "True"/"False".
+NOISE_METADATA_KEYS = {
+    "offset": "ss_noise_offset",
+    "adaptive_offset": "ss_adaptive_noise_scale",
+    "offset_random_strength": "ss_noise_offset_random_strength",
+    "pyramid_iterations": "ss_multires_noise_iterations",
+    "pyramid_discount": "ss_multires_noise_discount",
+    "input_perturbation": "ss_ip_noise_gamma",
+    "zero_terminal_snr": "ss_zero_terminal_snr",
+    "min_snr_gamma": "ss_min_snr_gamma",
+}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+LEGACY_HASH_START = 0x100000
+LEGACY_HASH_LENGTH = 0x10000
+
+
+# --------------------------------------------------------------------------------------------
+# State dict
+# --------------------------------------------------------------------------------------------
+
+def kohya_state_dict(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """kohya-named fp32 tensors of the adapter "default" in `unet` and (optionally) `text_encoder`.
+
+    The tensors are copies (training may go on after an intermediate save). Raises UserError for
+    adapters that cannot be written as plain kohya LoRA (DoRA, base-rewriting inits, variants,
+    LoRA bias, layer types other than Linear/Conv2d) and for non-finite weights.
+    """
+    modules: list[tuple[str, torch.Tensor, torch.Tensor, int, float]] = []
+    for prefix, model in ((UNET_PREFIX, unet), (TEXT_ENCODER_PREFIX, text_encoder)):
+        if model is not None:
+            modules.extend(_lora_modules(prefix, model))
+    if not modules:
+        raise UserError("export: the model has no LoRA layers (adapter 'default'): nothing to save")
+
+    file_alpha = _file_alpha([scale * rank for _, _, _, rank, scale in modules])
+    state: dict[str, torch.Tensor] = {}
+    for key, down, up, rank, scale in modules:
+        module_alpha = scale * rank
+        up = up.detach().to("cpu", torch.float32)
+        if not math.isclose(module_alpha, file_alpha, rel_tol=1e-9):
+            # Fold the module's own scale into lora_up (see the module docstring). In float64 so
+            # that the fold itself adds no rounding beyond the final float32 one.
+            up = (up.double() * (module_alpha / file_alpha)).float()
+        state[f"{key}.lora_down.weight"] = down.detach().to("cpu", torch.float32).clone()
+        state[f"{key}.lora_up.weight"] = up.clone()
+        state[f"{key}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
+    check_finite(state)
+    return state
+
+
+def _lora_modules(prefix: str, model: torch.nn.Module):
+    """(kohya key, lora_A weight, lora_B weight, r, scaling) per LoRA layer of adapter "default"."""
+    from peft.tuners.lora import Conv2d as LoraConv2d
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    _check_adapter_config(prefix, model)
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        key = kohya_name(prefix, name)
+        if ADAPTER_NAME not in module.lora_A:
+            continue  # a layer of another adapter only
+        if module.use_dora.get(ADAPTER_NAME, False):
+            raise UserError(f"export: {key} is a DoRA layer (use_dora=True); DoRA cannot be saved as a "
+                            "kohya LoRA: train with use_dora off")
+        if ADAPTER_NAME in getattr(module, "lora_variant", {}):
+            variant = type(module.lora_variant[ADAPTER_NAME]).__name__
+            raise UserError(f"export: {key} uses the LoRA variant {variant}, which a kohya LoRA file cannot "
+                            "express: train a plain LoRA")
+        if getattr(module, "lora_bias", {}).get(ADAPTER_NAME, False):
+            raise UserError(f"export: {key} has a LoRA bias (lora_bias=True), which kohya LoRA files cannot "
+                            "hold: train with lora_bias off")
+        if type(module) not in (LoraLinear, LoraConv2d):
+            raise UserError(f"export: {key} is a {type(module).__name__} LoRA layer; only Linear and Conv2d "
+                            "layers can be written as kohya LoRA")
+        down = module.lora_A[ADAPTER_NAME].weight
+        up = module.lora_B[ADAPTER_NAME].weight
+        found.append((key, down, up, int(module.r[ADAPTER_NAME]), float(module.scaling[ADAPTER_NAME])))
+    return found
+
+
+def _check_adapter_config(prefix: str, model: torch.nn.Module) -> None:
+    config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)
+    if config is None:
+        return  # layers are still checked one by one
+    if getattr(config, "use_dora", False):
+        raise UserError(f"export: the {prefix} adapter uses DoRA (use_dora=True); DoRA cannot be saved as a "
+                        "kohya LoRA: train with use_dora off")
+    init = getattr(config, "init_lora_weights", True)
+    if not any(init is ok or (isinstance(init, str) and init == ok) for ok in EXPORTABLE_INITS):
+        raise UserError(f"export: the {prefix} adapter was initialized with init_lora_weights={init!r}, which "
+                        "changes the base weights; such an adapter cannot be saved as a kohya LoRA: use "
+                        "init_lora_weights='gaussian' or True")
+
+
+def _file_alpha(module_alphas: list[float]) -> float:
+    """The alpha written for every module: the most common one (first seen on a tie)."""
+    alpha = collections.Counter(module_alphas).most_common(1)[0][0]
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise UserError(f"export: LoRA alpha is {alpha}; it must be a positive number (alpha 0 makes the "
+                        "adapter do nothing): set network alpha > 0")
+    return alpha
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], advice: str | None = None) -> None:
+    """Raise UserError naming the first tensor that holds a NaN or an infinity."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            advice = advice or ("the training diverged: lower the learning rate or resume from an earlier "
+                                "checkpoint")
+            raise UserError(f"export: {key} holds {bad} non-finite value(s) (NaN/inf); {advice}. "
+                            "Nothing was written")
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------------
+
+def ss_metadata(
+    *,
+    output_name: str,
+    network_dim: int,
+    network_alpha: float,
+    conv_dim: int = 0,
+    conv_alpha: float | None = None,
+    train_text_encoder: bool = False,
+    steps: int,
+    epoch: int,
+    resolution: int | tuple[int, int],
+    learning_rate: float,
+    unet_lr: float | None = None,
+    text_encoder_lr: float | None = None,
+    optimizer: str,
+    num_train_images: int,
+    num_reg_images: int = 0,
+    tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
+    noise: Mapping[str, Any] | None = None,
+    started_at: float,
+    finished_at: float,
+    seed: int | None = None,
+    mixed_precision: str = "no",
+    prior_loss_weight: float = 1.0,
+    base_model_name: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """kohya-compatible `__metadata__` (every value a string) plus the modelspec.* fields.
+
+    `noise` keys: offset, adaptive_offset, offset_random_strength, pyramid_iterations,
+    pyramid_discount, input_perturbation, zero_terminal_snr, min_snr_gamma, prediction_type
+    ("epsilon" | "v_prediction"); a missing key means "off" (None / False / epsilon), other keys
+    are ignored. `resolution` is an int (square) or (width, height). `started_at` / `finished_at`
+    are Unix times (time.time()). `extra` adds or overrides fields (values are str()-ed).
+    """
+    noise = dict(noise or {})
+    prediction_type = noise.get("prediction_type") or "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"export: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    v_pred = prediction_type == "v_prediction"
+    width, height = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+
+    network_args: dict[str, str] = {}
+    if conv_dim:
+        # kohya keeps its --network_args as the strings the user typed ("conv_dim=4").
+        network_args = {"conv_dim": str(int(conv_dim)),
+                        "conv_alpha": str(float(conv_alpha if conv_alpha is not None else 1.0))}
+
+    fields: dict[str, Any] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": int(network_dim),
+        "ss_network_alpha": float(network_alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_network_train_unet_only": not train_text_encoder,
+        "ss_network_train_text_encoder_only": False,
+        "ss_base_model_version": "sd_v1_v" if v_pred else "sd_v1",
+        "ss_v2": False,
+        "ss_v_parameterization": v_pred,
+        "ss_output_name": output_name,
+        "ss_training_started_at": float(started_at),
+        "ss_training_finished_at": float(finished_at),
+        "ss_steps": int(steps),
+        "ss_epoch": int(epoch),
+        # kohya writes its parsed --resolution, a (width, height) tuple.
+        "ss_resolution": (int(width), int(height)),
+        "ss_learning_rate": float(learning_rate),
+        "ss_unet_lr": unet_lr,
+        "ss_text_encoder_lr": text_encoder_lr if train_text_encoder else None,
+        "ss_optimizer": optimizer,
+        "ss_num_train_images": int(num_train_images),
+        "ss_num_reg_images": int(num_reg_images),
+        "ss_tag_frequency": json.dumps({d: dict(tags) for d, tags in (tag_frequency or {}).items()}),
+        "ss_seed": seed,
+        "ss_mixed_precision": mixed_precision,
+        "ss_prior_loss_weight": float(prior_loss_weight),
+    }
+    for setting, key in NOISE_METADATA_KEYS.items():
+        default = False if setting in ("offset_random_strength", "zero_terminal_snr") else None
+        fields[key] = noise.get(setting, default)
+    if base_model_name is not None:
+        fields["ss_sd_model_name"] = base_model_name
+
+    metadata = {key: "None" if value is None else str(value) for key, value in fields.items()}
+    metadata.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        # kohya's sai_model_spec: SD 1.x stays "stable-diffusion-v1" also under v-prediction; the
+        # prediction type has its own field.
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": output_name,
+        "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at), datetime.timezone.utc)
+        .replace(tzinfo=None).isoformat(),
+        "modelspec.resolution": f"{int(width)}x{int(height)}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    })
+    for key, value in (extra or {}).items():
+        metadata[str(key)] = "None" if value is None else str(value)
+    return metadata
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes (pure functions on bytes)
+# --------------------------------------------------------------------------------------------
+
+def addnet_model_hash(file_bytes: bytes) -> str:
+    """sha256 of a safetensors file's bytes after its header (A1111 / additional-networks hash)."""
+    header_length = int.from_bytes(file_bytes[:8], "little")
+    return hashlib.sha256(file_bytes[8 + header_length:]).hexdigest()
+
+
+def addnet_legacy_hash(file_bytes: bytes) -> str:
+    """First 8 hex digits of the sha256 of bytes [0x100000, 0x110000) (old A1111 model hash)."""
+    window = file_bytes[LEGACY_HASH_START:LEGACY_HASH_START + LEGACY_HASH_LENGTH]
+    return hashlib.sha256(window).hexdigest()[:8]
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of `tensors` serialized with only the ss_* metadata."""
+    import safetensors.torch
+
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = safetensors.torch.save(dict(tensors), metadata=ss_only)
+    return addnet_model_hash(data), addnet_legacy_hash(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+def save_lora(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+              precision: str = "fp16") -> Path:
+    """Cast to `precision` (alphas too), add sshs_* hashes, write `path` atomically; return it."""
+    import safetensors.torch
+
+    if precision not in PRECISIONS:
+        raise UserError(f"export: save precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"safetensors metadata must be str -> str; {key!r} has {type(value).__name__}")
+    check_finite(state_dict)
+    dtype = PRECISIONS[precision]
+    tensors = {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in state_dict.items()}
+    check_finite(tensors, advice=f"the weights overflow {precision}: save with precision 'bf16' or 'fp32'")
+
+    model_hash, legacy_hash = sshs_hashes(tensors, metadata)
+    full = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=full)
+    return Path(path)
