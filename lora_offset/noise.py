@@ -126,9 +126,9 @@ def pyramid_noise(
     """
     if iterations < 0:
         raise ValueError(f"pyramid iterations must be >= 0, got {iterations}")
-    noise = _randn(x.shape, x, generator) if base_noise is None else base_noise
     if x.ndim != 4:
         raise ValueError(f"pyramid noise needs latents of shape (B, C, H, W), got {tuple(x.shape)}")
+    noise = _randn(x.shape, x, generator) if base_noise is None else base_noise
     batch, channels, height, width = x.shape
     if iterations == 0 or height * width == 1:
         return noise
