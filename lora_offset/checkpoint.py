@@ -1,0 +1,460 @@
+"""Single-file SD 1.x checkpoints in the original LDM layout, and the diffusers <-> LDM key map.
+
+An LDM file holds the three models under three prefixes:
+    model.diffusion_model.input_blocks.1.1.proj_in.weight                 UNet
+    first_stage_model.encoder.down.0.block.0.conv1.weight                 VAE
+    cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight   CLIP text encoder
+
+The key map is not trusted by construction: `ldm_key_map` proposes an LDM key for every diffusers
+key from the LDM block structure, then runs diffusers' own single-file converters
+(`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`) on a
+fake checkpoint whose tensors carry their own key index, and keeps the proposal only if the
+converters send every proposed LDM key back to exactly the diffusers key it was proposed for.
+`derive_ldm_map` does the same for the keys of an existing file, so a merge into a user's
+checkpoint uses exactly the names that file has.
+
+Loading (`load_single_file`) uses diffusers' converters on the real tensors, so every LDM variant
+diffusers understands loads here too. Pickled files (.ckpt) run code when unpickled: they are
+refused unless the user opts in, and even then are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from lora_offset.errors import UserError
+
+LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_VAE_PREFIX = "first_stage_model."
+LDM_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_OPT_IN = "pass --allow-pickle (or set model.allow_pickle = true in the config)"
+
+CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, or of a pickled .ckpt/.pt/.bin file when `allow_pickle`.
+
+    Pickled files are loaded with `weights_only=True` (no code runs), on the CPU, and a
+    top-level "state_dict" entry is unwrapped. Every failure is a UserError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(
+                f"{path}: is a pickled {suffix} file, and unpickling can run arbitrary code; "
+                f"convert it to .safetensors, or if you trust it {PICKLE_OPT_IN}"
+            )
+        return _read_pickle(path)
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises several types for truncated or corrupt files
+        hint = "" if suffix in SAFETENSORS_SUFFIXES else " (expected a .safetensors or, with --allow-pickle, a .ckpt file)"
+        raise UserError(f"{path}: not a readable safetensors file, it may be truncated or corrupt: {e}{hint}") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusals arrive as UnpicklingError; truncation as others
+        raise UserError(
+            f"{path}: could not be loaded with torch.load(weights_only=True) (truncated, corrupt, "
+            f"or it contains objects other than tensors, which are refused for safety): {e}"
+        ) from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file ({} for other files or none)."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise UserError(f"{path}: not a readable safetensors file, it may be truncated or corrupt: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Which model family a checkpoint is
+
+
+def detect_model_family(state_dict_keys: Iterable[str] | Mapping[str, object]) -> str:
+    """'sd1', 'sd2', 'sdxl' or 'unknown' for the keys of an LDM checkpoint.
+
+    Pass the state dict itself (key -> tensor or shape) to also tell SD 2 UNet-only files apart
+    by their 1024-wide cross-attention.
+    """
+    keys = list(state_dict_keys)
+    shapes = state_dict_keys if isinstance(state_dict_keys, Mapping) else {}
+    if any(k.startswith("conditioner.embedders.") or k.startswith(LDM_UNET_PREFIX + "label_emb.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # open_clip text encoder
+        return "sd2"
+    attn2 = [k for k in keys if k.startswith(LDM_UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    if attn2:
+        if shapes:
+            shape = tuple(getattr(shapes[attn2[0]], "shape", shapes[attn2[0]]))
+            if len(shape) == 2 and shape[1] == 1024:
+                return "sd2"
+        return "sd1"
+    return "unknown"
+
+
+def require_sd1(keys: Iterable[str] | Mapping[str, object], path: str | Path) -> None:
+    """Raise a UserError unless `keys` are those of an SD 1.x LDM checkpoint."""
+    family = detect_model_family(keys)
+    if family == "sdxl":
+        raise UserError(f"{path}: is an SDXL checkpoint; lora-offset trains SD 1.x only")
+    if family == "sd2":
+        raise UserError(f"{path}: is an SD 2.x checkpoint; lora-offset trains SD 1.x only")
+    if family != "sd1":
+        raise UserError(
+            f"{path}: is not an SD 1.x checkpoint in the original single-file layout "
+            f"(no {LDM_UNET_PREFIX}...attn2 keys); pass a diffusers folder or an SD 1.x .safetensors file"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The diffusers <-> LDM key map
+
+
+def derive_ldm_map(ldm_shapes: Mapping[str, object], unet_config: Mapping, vae_config: Mapping) -> dict[str, dict[str, str]]:
+    """{component: {diffusers key: LDM key}} for the keys of an LDM checkpoint, as diffusers reads them.
+
+    `ldm_shapes` maps each LDM key to its tensor or shape (the VAE converter reshapes by rank).
+    Runs diffusers' converters on one-element tensors holding their key's index and reads the
+    index back out of each converted tensor. Pure: no file is read.
+    """
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    ldm_keys = list(ldm_shapes)
+    tagged = {}
+    for index, key in enumerate(ldm_keys):
+        ndim = len(tuple(getattr(ldm_shapes[key], "shape", ldm_shapes[key])))
+        tagged[key] = torch.full((1,) * ndim, float(index), dtype=torch.float64)
+
+    def invert(converted: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        return {k: ldm_keys[int(v.reshape(-1)[0].item())] for k, v in converted.items() if v is not None}
+
+    unet = {k: v for k, v in tagged.items() if k.startswith(LDM_UNET_PREFIX)}
+    vae = {k: v for k, v in tagged.items() if k.startswith(LDM_VAE_PREFIX)}
+    text = {k: v for k, v in tagged.items() if k.startswith(LDM_TEXT_ENCODER_PREFIX)}
+    text_map = invert(convert_ldm_clip_checkpoint(text))
+    return {
+        "unet": invert(convert_ldm_unet_checkpoint(unet, dict(unet_config))) if unet else {},
+        "vae": invert(convert_ldm_vae_checkpoint(vae, dict(vae_config))) if vae else {},
+        # transformers 5 dropped the `text_model.` level from CLIPTextModel keys: key the map
+        # by the model's own names, as diffusers does when it loads them.
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in text_map.items()},
+    }
+
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                  "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def propose_ldm_unet_key(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
+    """The LDM name (without prefix) of a diffusers UNet key, from the LDM block layout.
+
+    input_blocks: 0 = conv_in, then per down block `layers_per_block` (resnet .0 [+ attention .1])
+    and one downsampler (.0.op). output_blocks: per up block `layers_per_block + 1` (resnet .0
+    [+ attention .1]); the upsampler follows the last layer's attention at .2, or its resnet at
+    .1 when the block has no attention (SD 1.x: output_blocks.2.1, .5.2, .8.2).
+    """
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in fixed:
+        return fixed[key]
+    n = layers_per_block
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        i = 1 + block * (n + 1) + layer
+        return f"input_blocks.{i}.0.{_resnet_rest(rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet_rest(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        i = block * (n + 1) + layer
+        return f"output_blocks.{i}.0.{_resnet_rest(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block = int(m[1])
+        slot = 2 if block in up_blocks_with_attention else 1
+        return f"output_blocks.{block * (n + 1) + n}.{slot}.conv.{m[2]}"
+    raise ValueError(f"no LDM name for diffusers UNet key {key!r}")
+
+
+def _resnet_rest(rest: str) -> str:
+    module, _, param = rest.rpartition(".")
+    return f"{_RESNET_TO_LDM.get(module, module)}.{param}"
+
+
+def propose_ldm_vae_key(key: str, num_up_blocks: int) -> str:
+    """The LDM name (without prefix) of a diffusers AutoencoderKL key."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in fixed:
+        return fixed[key]
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION_TO_LDM[m[2]]}.{m[3]}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    # The LDM decoder numbers its up blocks from the lowest resolution up, diffusers the other way.
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{num_up_blocks - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{num_up_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    raise ValueError(f"no LDM name for diffusers VAE key {key!r}")
+
+
+def _is_vae_attention_weight(diffusers_key: str) -> bool:
+    # LDM's VAE attention uses 1x1 convs where diffusers uses Linear: [C, C] <-> [C, C, 1, 1].
+    return re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight", diffusers_key) is not None
+
+
+def ldm_key_map(unet_shapes: Mapping[str, object], vae_shapes: Mapping[str, object],
+                text_encoder_keys: Iterable[str], unet_config: Mapping, vae_config: Mapping) -> dict[str, dict[str, str]]:
+    """{component: {diffusers key: full LDM key}} for diffusers models, checked against diffusers' converters.
+
+    Arguments are the diffusers state dicts' keys (with tensors or shapes for UNet and VAE) and
+    the two model configs. Raises RuntimeError if diffusers' converters do not read the proposed
+    LDM keys back to the same diffusers keys (that would be a bug here, not a user error).
+    """
+    lpb = int(unet_config["layers_per_block"])
+    up_types = list(unet_config["up_block_types"])
+    with_attention = {i for i, t in enumerate(up_types) if "CrossAttn" in t}
+    proposal = {
+        "unet": {k: LDM_UNET_PREFIX + propose_ldm_unet_key(k, lpb, with_attention) for k in unet_shapes},
+        "vae": {k: LDM_VAE_PREFIX + propose_ldm_vae_key(k, len(vae_config["up_block_types"])) for k in vae_shapes},
+        "text_encoder": {k.removeprefix("text_model."): LDM_TEXT_ENCODER_PREFIX + "text_model." + k.removeprefix("text_model.")
+                         for k in text_encoder_keys},
+    }
+    ldm_shapes: dict[str, tuple] = {}
+    for k, ldm in proposal["unet"].items():
+        ldm_shapes[ldm] = tuple(getattr(unet_shapes[k], "shape", unet_shapes[k]))
+    for k, ldm in proposal["vae"].items():
+        shape = tuple(getattr(vae_shapes[k], "shape", vae_shapes[k]))
+        ldm_shapes[ldm] = shape + (1, 1) if _is_vae_attention_weight(k) else shape
+    for ldm in proposal["text_encoder"].values():
+        ldm_shapes[ldm] = (1,)
+    if len(ldm_shapes) != sum(len(m) for m in proposal.values()):
+        raise RuntimeError("two diffusers keys were given the same LDM key")
+    derived = derive_ldm_map(ldm_shapes, unet_config, vae_config)
+    for component in COMPONENTS:
+        if derived[component] != proposal[component]:
+            wrong = sorted(set(proposal[component].items()) ^ set(derived[component].items()))[:5]
+            raise RuntimeError(f"LDM key map for {component} disagrees with diffusers' converter: {wrong}")
+    return proposal
+
+
+def ldm_key_map_for(components: Mapping[str, torch.nn.Module]) -> dict[str, dict[str, str]]:
+    """`ldm_key_map` for in-memory diffusers components {unet, vae, text_encoder}."""
+    return ldm_key_map(
+        components["unet"].state_dict(), components["vae"].state_dict(), components["text_encoder"].state_dict().keys(),
+        components["unet"].config, components["vae"].config,
+    )
+
+
+def to_ldm_state_dict(components: Mapping[str, torch.nn.Module], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The LDM single-file state dict of diffusers components {unet, vae, text_encoder}."""
+    key_map = ldm_key_map_for(components)
+    out: dict[str, torch.Tensor] = {}
+    for component in COMPONENTS:
+        state = components[component].state_dict()
+        for key, ldm_key in key_map[component].items():
+            tensor = state[key].detach().to("cpu")
+            if component == "vae" and _is_vae_attention_weight(key):
+                tensor = tensor.reshape(*tensor.shape, 1, 1)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[ldm_key] = tensor.contiguous()
+    # Real SD 1.x files carry CLIP's position ids; older loaders (A1111's transformers) expect them.
+    positions = components["text_encoder"].config.max_position_embeddings
+    out[LDM_TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+    return out
+
+
+def save_ldm_checkpoint(components: Mapping[str, torch.nn.Module], path: str | Path,
+                        dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write diffusers components {unet, vae, text_encoder} as one LDM .safetensors file (atomically)."""
+    from safetensors.torch import save_file
+
+    from lora_offset.fileio import atomic_write
+
+    state = to_ldm_state_dict(components, dtype)
+    meta = {"format": "pt", **dict(metadata or {})}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a single file as diffusers components
+
+
+def default_config_dir() -> Path:
+    from lora_offset.sd15 import SD15_CONFIG_DIR
+
+    return SD15_CONFIG_DIR
+
+
+def load_single_file(path: str | Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None,
+                     tokenizer_dir: str | Path | None = None, torch_dtype: torch.dtype | None = torch.float32) -> dict:
+    """Load an SD 1.x LDM checkpoint as diffusers components {unet, vae, text_encoder, tokenizer, scheduler}.
+
+    `config_dir` is a diffusers-layout folder with unet/, vae/, text_encoder/ and scheduler/
+    configs (default: SD 1.5's, shipped with the package). The tokenizer comes from
+    `tokenizer_dir` (config `model.tokenizer`), else `config_dir/tokenizer`, else the local
+    Hugging Face cache of openai/clip-vit-large-patch14.
+    Nothing is downloaded. Weights are converted with diffusers' own single-file converters.
+    `torch_dtype` casts floating tensors (None keeps the file's dtypes).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    for sub in ("unet", "vae", "text_encoder", "scheduler"):
+        if not (config_dir / sub).is_dir():
+            raise UserError(f"{config_dir}: model config folder has no {sub}/ subfolder (expected a diffusers-layout folder)")
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    require_sd1(state, path)
+    if not any(k.startswith(LDM_VAE_PREFIX) for k in state) or not any(k.startswith(LDM_TEXT_ENCODER_PREFIX) for k in state):
+        raise UserError(f"{path}: has no VAE ({LDM_VAE_PREFIX}*) or no text encoder ({LDM_TEXT_ENCODER_PREFIX}*) weights; "
+                        "a full SD 1.x checkpoint is needed")
+
+    unet_config = UNet2DConditionModel.load_config(config_dir / "unet")
+    vae_config = AutoencoderKL.load_config(config_dir / "vae")
+    with init_empty_weights():  # parameters on the meta device: no random init of a 1 GB model
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+
+    text_state = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()}
+    converted = {
+        "unet": (unet, convert_ldm_unet_checkpoint(state, unet_config)),
+        "vae": (vae, convert_ldm_vae_checkpoint(state, vae_config)),
+        "text_encoder": (text_encoder, text_state),
+    }
+    for name, (model, weights) in converted.items():
+        expected = model.state_dict()
+        weights = {k: v for k, v in weights.items() if k in expected}  # e.g. position_ids: a buffer here
+        missing = sorted(k for k in expected if k not in weights and _is_parameter(model, k))
+        if missing:
+            raise UserError(f"{path}: {name} weights missing for {len(missing)} tensors, e.g. {missing[:3]}; "
+                            f"is the file complete, and does it match the configs in {config_dir}?")
+        for k, v in weights.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise UserError(f"{path}: {name} tensor {k} has shape {tuple(v.shape)} but the config in "
+                                f"{config_dir / name} needs {tuple(expected[k].shape)}; pass the matching model config folder")
+        if torch_dtype is not None:
+            weights = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        model.load_state_dict(weights, strict=False, assign=True)
+        model.eval()
+
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": load_tokenizer(config_dir, tokenizer_dir),
+        "scheduler": load_scheduler(config_dir),
+    }
+
+
+def _is_parameter(model: torch.nn.Module, key: str) -> bool:
+    return key in dict(model.named_parameters()) or key in dict(model.named_buffers())
+
+
+def load_tokenizer(config_dir: str | Path, tokenizer_dir: str | Path | None = None):
+    """CLIP tokenizer from `tokenizer_dir`, else `config_dir/tokenizer`, else the local HF cache of CLIP ViT-L/14.
+
+    Never downloads: SD 1.x needs CLIP ViT-L/14's tokenizer, which the package does not ship.
+    Every candidate folder must hold vocab.json and merges.txt: transformers 5 quietly builds a
+    2-token tokenizer from a folder without them.
+    """
+    from transformers import CLIPTokenizer
+
+    if tokenizer_dir is not None:
+        folder = Path(tokenizer_dir)
+        if not _has_tokenizer_files(folder):
+            raise UserError(f"{folder}: model.tokenizer folder has no vocab.json and merges.txt (expected a CLIP tokenizer folder)")
+        return CLIPTokenizer.from_pretrained(str(folder))
+    folder = Path(config_dir) / "tokenizer"
+    if _has_tokenizer_files(folder):
+        return CLIPTokenizer.from_pretrained(str(folder))
+    cached = _cached_clip_tokenizer_folder()
+    if cached is not None:
+        return CLIPTokenizer.from_pretrained(str(cached))
+    raise UserError(
+        f"no CLIP tokenizer: {folder} does not exist and {CLIP_TOKENIZER_REPO} is not in the local Hugging Face cache; "
+        'set model.tokenizer = "<folder>" to a folder with the SD 1.x tokenizer (vocab.json, merges.txt)'
+    )
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+
+
+def _cached_clip_tokenizer_folder() -> Path | None:
+    """The snapshot folder of openai/clip-vit-large-patch14's tokenizer in the local HF cache, if complete."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = [try_to_load_from_cache(CLIP_TOKENIZER_REPO, name) for name in ("vocab.json", "merges.txt")]
+    if all(isinstance(f, str) for f in found):
+        folder = Path(found[0]).parent
+        if _has_tokenizer_files(folder):
+            return folder
+    return None
+
+
+def load_scheduler(config_dir: str | Path):
+    import diffusers
+
+    folder = Path(config_dir) / "scheduler"
+    config = json.loads((folder / "scheduler_config.json").read_text(encoding="utf-8"))
+    cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+    return cls.from_config(config)
