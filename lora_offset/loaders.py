@@ -1,0 +1,651 @@
+"""What each SD 1.x LoRA loader would do with a file: key-matching oracles, pure functions, no I/O.
+
+Each `match_<loader>(keys, names)` re-implements one loader's documented key-matching rule (cited
+per function: file and function in that loader's source) and returns a `LoaderResult`: which model
+modules the LoRA would patch, which keys the loader would drop, and whether it refuses the file
+outright. `names` (`ModelNames`) are the SD 1.x module names the loader resolves keys against:
+the UNet's diffusers module paths, their LDM (original Stable Diffusion) paths, and the CLIP text
+encoder's paths. Module ids in results are "unet.<diffusers path>" and
+"text_encoder.text_model.<path>" whatever naming the file used, so results of different loaders
+compare directly.
+
+The diffusers -> LDM module map is derived from diffusers' own single-file converter
+(`convert_ldm_unet_checkpoint`): `derive_unet_ldm_map` inverts its block arithmetic, and
+`check_unet_ldm_map` runs the real converter on a fake LDM state dict to prove the inverse. The
+map of each loader (A1111's regexes, ComfyUI's tables) is then checked against it, not against
+itself.
+
+Not modelled: LyCORIS module types (LoHa, LoKr, ...), which the loaders accept under their own key
+names; here such keys count as not understood.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from lora_offset.keys import normalize_text_encoder_name
+
+UNET = "unet."
+TEXT_ENCODER = "text_encoder."
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LORA_PAIRS = (  # (down/A key, up/B key) suffix spellings seen in SD 1.x LoRA files
+    ("lora_down.weight", "lora_up.weight"),
+    ("lora_A.weight", "lora_B.weight"),
+)
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: the lru_caches below key on it
+class ModelNames:
+    """Module names of one SD 1.x model, as the loaders see them.
+
+    unet: diffusers module paths of UNet modules that own a `.weight` ("down_blocks.0.resnets.0.conv1").
+    unet_ldm: diffusers path -> LDM path under `diffusion_model.` ("input_blocks.1.0.in_layers.2").
+    text_encoder: CLIP paths with the `text_model.` level ("text_model.encoder.layers.0.mlp.fc1").
+    """
+
+    unet: frozenset[str]
+    unet_ldm: Mapping[str, str]
+    text_encoder: frozenset[str]
+
+    @functools.cached_property
+    def ldm_to_unet(self) -> dict[str, str]:
+        return {ldm: d for d, ldm in self.unet_ldm.items()}
+
+    @functools.cached_property
+    def unet_tree(self) -> frozenset[str]:
+        """Every module path in the UNet, containers included (what `get_submodule` can reach)."""
+        return _all_prefixes(self.unet)
+
+    @functools.cached_property
+    def text_encoder_tree(self) -> frozenset[str]:
+        return _all_prefixes(self.text_encoder)
+
+
+@dataclass
+class LoaderResult:
+    """What one loader does with a LoRA file.
+
+    applied_modules: module ids ("unet.<path>", "text_encoder.<path>") the loader patches.
+    ignored_keys: keys the loader drops (silently or with a warning), sorted.
+    whole_lora_rejected: the loader refuses the file or errors out: nothing applies.
+    reason: one line on why keys were dropped or the file rejected ("" when all is well).
+    missing_alpha: applied modules without an `.alpha` key: every loader then uses scale 1.0
+        instead of alpha/rank, silently. Only meaningful for kohya-style files.
+    """
+
+    loader: str
+    applied_modules: set[str] = field(default_factory=set)
+    ignored_keys: list[str] = field(default_factory=list)
+    whole_lora_rejected: bool = False
+    reason: str = ""
+    missing_alpha: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Everything in the file applies, at the scale it was trained with."""
+        return not self.whole_lora_rejected and not self.ignored_keys and not self.missing_alpha and bool(self.applied_modules)
+
+
+def _rejected(loader: str, keys: Iterable[str], reason: str) -> LoaderResult:
+    return LoaderResult(loader, set(), sorted(keys), True, reason)
+
+
+def _all_prefixes(paths: Iterable[str]) -> frozenset[str]:
+    out = set()
+    for p in paths:
+        parts = p.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(out)
+
+
+def _flat(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def _group(keys: Iterable[str], split) -> dict[str, dict[str, str]]:
+    """{module part: {suffix part: full key}} with `split(key) -> (module, suffix)`."""
+    groups: dict[str, dict[str, str]] = {}
+    for key in keys:
+        module, suffix = split(key)
+        groups.setdefault(module, {})[suffix] = key
+    return groups
+
+
+def _first_dot(key: str) -> tuple[str, str]:
+    module, _, suffix = key.partition(".")
+    return module, suffix
+
+
+def _lora_pair(suffixes: Mapping[str, str]) -> tuple[str, str] | None:
+    for down, up in LORA_PAIRS:
+        if down in suffixes and up in suffixes:
+            return down, up
+    return None
+
+
+# ----------------------------------------------------------------------------- model names
+
+def derive_unet_ldm_map(unet_weight_keys: Iterable[str], layers_per_block: int, up_block_types: Iterable[str]) -> dict[str, str]:
+    """diffusers UNet module path -> LDM module path, by inverting diffusers' `convert_ldm_unet_checkpoint`.
+
+    Inverts (diffusers/loaders/single_file_utils.py): the fixed table DIFFUSERS_TO_LDM_MAPPING["unet"],
+    the resnet renames of `update_unet_resnet_ldm_to_diffusers`, and the block arithmetic of
+    `convert_ldm_unet_checkpoint` (input block i = 1 + block*(layers+1) + layer; output block
+    i = block*(layers+1) + layer; middle block 2k for resnet k, 1 for the attention). The converter
+    accepts an upsampler at `output_blocks.N.1.conv` or `.N.2.conv`; real SD 1.x files put it at
+    `.2` when that output block has an attention (`output_blocks.5.2`, `.8.2`) and at `.1` when it
+    has none (`output_blocks.2.1`). `check_unet_ldm_map` proves the result with the real converter.
+    """
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = {d.rsplit(".", 1)[0]: l.rsplit(".", 1)[0] for d, l in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
+    # update_unet_resnet_ldm_to_diffusers renames these LDM resnet parts; run it to get them in its words.
+    resnet_ldm_parts = ["in_layers.0", "in_layers.2", "out_layers.0", "out_layers.3", "emb_layers.1", "skip_connection"]
+    resnet_rename = _diffusers_resnet_renames(resnet_ldm_parts)  # diffusers part -> LDM part
+    per = layers_per_block + 1
+    up_has_attention = ["CrossAttn" in t for t in up_block_types]
+
+    out: dict[str, str] = {}
+    for key in unet_weight_keys:
+        path = key.rsplit(".", 1)[0]
+        if path in fixed:
+            out[path] = fixed[path]
+            continue
+        parts = path.split(".")
+        if parts[0] == "mid_block":  # mid_block.<kind>.<index>.<local>
+            kind, index, local = parts[1], int(parts[2]), parts[3:]
+            head = f"middle_block.{2 * index if kind == 'resnets' else 1}"
+        elif parts[0] in ("down_blocks", "up_blocks"):  # <side>.<block>.<kind>.<index>.<local>
+            block, kind, index, local = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if kind == "downsamplers":
+                out[path] = f"input_blocks.{1 + block * per + layers_per_block}.0.op"
+                continue
+            if kind == "upsamplers":
+                slot = 2 if up_has_attention[block] else 1
+                out[path] = f"output_blocks.{block * per + layers_per_block}.{slot}.conv"
+                continue
+            sub = 0 if kind == "resnets" else 1
+            head = (f"input_blocks.{1 + block * per + index}.{sub}" if parts[0] == "down_blocks"
+                    else f"output_blocks.{block * per + index}.{sub}")
+        else:
+            raise ValueError(f"unexpected UNet module {path!r}: not an SD 1.x UNet")
+        local_name = ".".join(local)
+        if kind == "resnets":
+            local_name = resnet_rename.get(local_name, local_name)
+        out[path] = f"{head}.{local_name}"
+    return out
+
+
+def _diffusers_resnet_renames(ldm_parts: list[str]) -> dict[str, str]:
+    from diffusers.loaders.single_file_utils import update_unet_resnet_ldm_to_diffusers
+
+    converted: dict[str, object] = {}
+    update_unet_resnet_ldm_to_diffusers(ldm_parts, converted, {p: p for p in ldm_parts})
+    return {d: l for d, l in converted.items()}
+
+
+def check_unet_ldm_map(unet, ldm_map: Mapping[str, str]) -> None:
+    """Prove `ldm_map` with diffusers' own converter: raise AssertionError on any disagreement.
+
+    Builds a fake LDM checkpoint (`model.diffusion_model.<ldm path>.<param>` = a unique number),
+    converts it with `convert_ldm_unet_checkpoint` and checks every diffusers parameter comes back
+    with its own number.
+    """
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    params = list(unet.state_dict().keys())
+    fake = {}
+    for i, key in enumerate(params):
+        path, leaf = key.rsplit(".", 1)
+        fake[f"model.diffusion_model.{ldm_map[path]}.{leaf}"] = torch.tensor([float(i)])
+    converted = convert_ldm_unet_checkpoint(fake, dict(unet.config))
+    assert set(converted) == set(params), sorted(set(converted) ^ set(params))[:10]
+    for i, key in enumerate(params):
+        assert converted[key].item() == float(i), f"{key} came back from the wrong LDM key"
+
+
+def model_names(unet, text_encoder) -> ModelNames:
+    """ModelNames of an in-memory diffusers UNet and transformers CLIPTextModel (meta tensors are fine)."""
+    weight_keys = [k for k in unet.state_dict() if k.endswith(".weight")]
+    ldm = derive_unet_ldm_map(weight_keys, unet.config.layers_per_block, unet.config.up_block_types)
+    te = {normalize_text_encoder_name(k.rsplit(".", 1)[0]) for k in text_encoder.state_dict() if k.endswith(".weight")}
+    return ModelNames(unet=frozenset(ldm), unet_ldm=ldm, text_encoder=frozenset(te))
+
+
+@functools.lru_cache(maxsize=None)
+def sd15_model_names() -> ModelNames:
+    """Full-size SD 1.5 names, built on the meta device (no memory, no download)."""
+    from lora_offset.sd15 import build_sd15
+
+    return model_names(build_sd15("unet", device="meta"), build_sd15("text_encoder", device="meta"))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_names() -> ModelNames:
+    """Names of lora_offset.tiny's model (the same module paths as SD 1.5, narrow widths)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_offset.tiny import TINY_TEXT_ENCODER_CONFIG, TINY_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG))
+    return model_names(unet, text_encoder)
+
+
+# ----------------------------------------------------------------------------- AUTOMATIC1111
+
+_A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+                 "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+
+
+def a1111_convert_name(key: str) -> str:
+    """Port of A1111 extensions-builtin/Lora/networks.py `convert_diffusers_name_to_compvis` (SD 1.x branch).
+
+    Maps a kohya diffusers-style module key to A1111's flattened LDM module name; returns the key
+    unchanged when no rule applies (as A1111 does).
+    """
+    def m(pattern):
+        r = re.match(pattern, key)
+        return [int(g) if g.isdigit() else g for g in r.groups()] if r else None
+
+    if g := m(r"lora_unet_conv_in(.*)"):
+        return f"diffusion_model_input_blocks_0_0{g[0]}"
+    if g := m(r"lora_unet_conv_out(.*)"):
+        return f"diffusion_model_out_2{g[0]}"
+    if g := m(r"lora_unet_time_embedding_linear_(\d+)(.*)"):
+        return f"diffusion_model_time_embed_{g[0] * 2 - 2}{g[1]}"
+    if g := m(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = _A1111_RESNET.get(g[3], g[3]) if g[1] == "resnets" else g[3]
+        return f"diffusion_model_input_blocks_{1 + g[0] * 3 + g[2]}_{1 if g[1] == 'attentions' else 0}_{suffix}"
+    if g := m(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = _A1111_RESNET.get(g[2], g[2]) if g[0] == "resnets" else g[2]
+        return f"diffusion_model_middle_block_{1 if g[0] == 'attentions' else g[1] * 2}_{suffix}"
+    if g := m(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = _A1111_RESNET.get(g[3], g[3]) if g[1] == "resnets" else g[3]
+        return f"diffusion_model_output_blocks_{g[0] * 3 + g[2]}_{1 if g[1] == 'attentions' else 0}_{suffix}"
+    if g := m(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"):
+        return f"diffusion_model_input_blocks_{3 + g[0] * 3}_0_op"
+    if g := m(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"):
+        return f"diffusion_model_output_blocks_{2 + g[0] * 3}_{2 if g[0] > 0 else 1}_conv"
+    if g := m(r"lora_te_text_model_encoder_layers_(\d+)_(.+)"):
+        return f"transformer_text_model_encoder_layers_{g[0]}_{g[1]}"
+    return key
+
+
+@functools.lru_cache(maxsize=8)
+def _a1111_layer_mapping(names: ModelNames) -> dict[str, str]:
+    # networks.py `assign_network_names_to_compvis_modules`: every module of sd_model.model
+    # ("diffusion_model.<ldm>") and of cond_stage_model.wrapped (FrozenCLIPEmbedder:
+    # "transformer.text_model.<...>") under its name with "." -> "_".
+    mapping = {_flat(f"diffusion_model.{ldm}"): UNET + d for d, ldm in names.unet_ldm.items()}
+    mapping.update({_flat(f"transformer.{t}"): TEXT_ENCODER + t for t in names.text_encoder})
+    return mapping
+
+
+def match_a1111(keys: Iterable[str], names: ModelNames) -> LoaderResult:
+    """AUTOMATIC1111 1.10, extensions-builtin/Lora/networks.py `load_network`.
+
+    Module name = text before the first "." (`key.partition(".")`), converted by
+    `convert_diffusers_name_to_compvis`, then looked up in the model's flattened module names; fallbacks:
+    "lora_unet" -> "diffusion_model" (LDM-style kohya names), "lora_te1_text_model" ->
+    "transformer_text_model". Unmatched keys are only logged at debug level: dropped silently.
+    Per matched module, network_lora.py `ModuleTypeLora.create_module` needs lora_up+lora_down (or
+    lora_B+lora_A); a module no type accepts raises AssertionError, which `load_networks` catches:
+    the whole LoRA is not loaded. Missing alpha: network.py `calc_scale` -> 1.0.
+    """
+    keys = list(keys)
+    mapping = _a1111_layer_mapping(names)
+    re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
+    matched: dict[str, dict[str, str]] = {}
+    failed: list[str] = []
+    for key in keys:
+        module, suffix = _first_dot(key)
+        target = mapping.get(a1111_convert_name(module))
+        if target is None and (xm := re_x_proj.match(a1111_convert_name(module))):
+            target = mapping.get(xm.group(1))  # SD 2 MultiheadAttention; a container in SD 1.x
+            target = None if target is None else target
+        if target is None and "lora_unet" in module:
+            target = mapping.get(module.replace("lora_unet", "diffusion_model"))
+        elif target is None and "lora_te1_text_model" in module:
+            target = mapping.get(module.replace("lora_te1_text_model", "0_transformer_text_model")) or mapping.get(
+                module.replace("lora_te1_text_model", "transformer_text_model"))
+        if target is None:
+            failed.append(key)
+        else:
+            matched.setdefault(target, {})[suffix] = key
+    result = LoaderResult("a1111")
+    for target, suffixes in matched.items():
+        if _lora_pair(suffixes) is None:
+            return _rejected("a1111", keys, f"module {target} has {sorted(suffixes)} but no lora_up/lora_down pair: "
+                             "A1111 raises 'Could not find a module type' and loads nothing")
+        result.applied_modules.add(target)
+        if "alpha" not in suffixes:
+            result.missing_alpha.append(target)
+    result.ignored_keys = sorted(failed)
+    if failed:
+        result.reason = (f"{len(failed)} keys match no module and are dropped silently (debug log only)"
+                         + ("; the LoRA does nothing" if not matched else ""))
+    result.missing_alpha.sort()
+    return result
+
+
+# ----------------------------------------------------------------------------- ComfyUI / Forge
+
+_LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                  "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                  "self_attn.out_proj": "self_attn_out_proj"}
+
+
+@functools.lru_cache(maxsize=16)
+def _comfy_key_map(names: ModelNames, generic_clip_keys: bool) -> dict[str, str]:
+    """ComfyUI comfy/lora.py `model_lora_keys_unet` + `model_lora_keys_clip` for an SD 1.x model (clip_l)."""
+    key_map: dict[str, str] = {}
+    for d, ldm in names.unet_ldm.items():
+        target = UNET + d
+        key_map[f"lora_unet_{_flat(ldm)}"] = target           # LDM-style kohya names
+        key_map[f"diffusion_model.{ldm}"] = target             # "generic lora format"
+        key_map[f"lora_unet_{_flat(d)}"] = target              # diffusers-style kohya names (unet_to_diffusers)
+        key_map[f"lycoris_{_flat(d)}"] = target
+        for prefix in ("", "unet."):                            # old diffusers attn-processor names
+            k = prefix + d.replace(".to_", ".processor.to_")
+            key_map[k[:-2] if k.endswith(".to_out.0") else k] = target
+    for t in names.text_encoder:
+        target = TEXT_ENCODER + t
+        r = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", t)
+        if r and r.group(2) in _LORA_CLIP_MAP and int(r.group(1)) < 32:
+            b, c = r.group(1), r.group(2)
+            key_map[f"lora_te_text_model_encoder_layers_{b}_{_LORA_CLIP_MAP[c]}"] = target
+            key_map[f"lora_te1_text_model_encoder_layers_{b}_{_LORA_CLIP_MAP[c]}"] = target
+            key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = target
+        if generic_clip_keys:
+            key_map[f"text_encoders.clip_l.transformer.{t}"] = target
+    return key_map
+
+
+# comfy/lora.py `load_lora`: (up, down) spellings it tries per mapped module, in order.
+_COMFY_FORMS = (("lora_up.weight", "lora_down.weight", "."), ("lora.up.weight", "lora.down.weight", "_"),
+                ("lora_B.weight", "lora_A.weight", "."), ("lora.up.weight", "lora.down.weight", "."),
+                ("lora_linear_layer.up.weight", "lora_linear_layer.down.weight", "."))
+
+
+def _comfy_load(keys: list[str], key_map: Mapping[str, str]) -> tuple[set[str], set[str], list[str], str]:
+    """(applied module ids, loaded keys, modules missing alpha, error) as comfy/lora.py `load_lora` does it."""
+    keyset = set(keys)
+    applied, loaded, no_alpha = set(), set(), []
+    for x, target in key_map.items():
+        alpha = f"{x}.alpha"
+        if alpha in keyset:
+            loaded.add(alpha)
+        for up, down, sep in _COMFY_FORMS:
+            up_key, down_key = f"{x}{sep}{up}", f"{x}{sep}{down}"
+            if up_key in keyset:
+                if down_key not in keyset:  # lora[B_name] -> KeyError: the load fails
+                    return set(), set(), [], f"{up_key} has no {down_key}: the loader raises KeyError"
+                applied.add(target)
+                loaded.update({up_key, down_key})
+                if sep == "." and up == "lora_up.weight" and alpha not in keyset:
+                    no_alpha.append(target)
+                break
+    return applied, loaded, sorted(no_alpha), ""
+
+
+def match_comfyui(keys: Iterable[str], names: ModelNames) -> LoaderResult:
+    """ComfyUI comfy/lora.py: `model_lora_keys_unet`, `model_lora_keys_clip`, `load_lora`.
+
+    Accepts `lora_unet_` with diffusers- or LDM-style paths, `lora_te_`/`lora_te1_` with
+    `text_model_encoder_layers_<n>_<q/k/v/out_proj|mlp_fc1/2>`, dotted `text_encoder.text_model...`,
+    and dotted `unet.` paths only in the old attn-processor spelling (`attn1.processor.to_q`): PEFT-style
+    `unet....attn1.to_q.lora_A.weight` keys match no entry. Each key not loaded gets a warning
+    ("lora key not loaded"), the rest applies. No alpha: alpha/r is replaced by 1.0. Metadata unused.
+    """
+    keys = list(keys)
+    applied, loaded, no_alpha, error = _comfy_load(keys, _comfy_key_map(names, True))
+    if error:
+        return _rejected("comfyui", keys, error)
+    ignored = sorted(set(keys) - loaded)
+    reason = f"{len(ignored)} keys not loaded (a warning each), the rest applies" if ignored else ""
+    return LoaderResult("comfyui", applied, ignored, False, reason, no_alpha)
+
+
+def match_forge(keys: Iterable[str], names: ModelNames) -> LoaderResult:
+    """Forge extensions-builtin/sd_forge_lora/networks.py `load_lora_for_models`, with ComfyUI's key maps
+    (packages_3rdparty/comfyui_lora_collection/lora.py `model_lora_keys_unet/clip`, `load_lora`).
+
+    Keys left after the UNet and CLIP passes are "unmatched"; more than 12 and Forge prints
+    "LoRA version mismatch" and skips the whole LoRA; 1 to 12 are listed and the rest applies.
+    """
+    keys = list(keys)
+    applied, loaded, no_alpha, error = _comfy_load(keys, _comfy_key_map(names, False))
+    if error:
+        return _rejected("forge", keys, error)
+    unmatched = sorted(set(keys) - loaded)
+    if len(unmatched) > 12:
+        return _rejected("forge", keys, f"{len(unmatched)} unmatched keys (> 12): Forge skips the whole LoRA ('LoRA version mismatch')")
+    reason = f"{len(unmatched)} unmatched keys listed and dropped, the rest applies" if unmatched else ""
+    return LoaderResult("forge", applied, unmatched, False, reason, no_alpha)
+
+
+# ----------------------------------------------------------------------------- InvokeAI
+
+# invokeai/backend/patches/layers/utils.py `any_lora_layer_from_state_dict`: the leaf keys that make a layer.
+_INVOKE_LAYER_KEYS = ("dora_scale", "lora_up.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "on_input", "w_norm")
+
+
+def _invoke_resolve(flat: str, tree: frozenset[str]) -> str | None:
+    """invokeai/backend/patches/layer_patcher.py `LayerPatcher._get_submodule` for flattened keys:
+    walk the module tree, gluing "_"-separated parts until a submodule of that name exists."""
+    parts = flat.split("_")
+    current, name = "", parts.pop(0)
+    while parts:
+        candidate = f"{current}.{name}" if current else name
+        if candidate in tree:
+            current, name = candidate, parts.pop(0)
+        else:
+            name += "_" + parts.pop(0)
+    final = f"{current}.{name}" if current else name
+    return final if final in tree else None
+
+
+def match_invokeai(keys: Iterable[str], names: ModelNames, shapes: Mapping[str, tuple] | None = None) -> LoaderResult:
+    """InvokeAI 5.x/6.x, single-file SD 1.x LoRA.
+
+    1. Probe (invokeai/backend/model_manager/util/model_util.py `lora_token_vector_length`): the base
+       model is read off a `lora_unet_*_attn2_to_k/v.lora_down.weight` or `lora_te*_self_attn_*.lora_down.weight`
+       key (shape[1] = 768 for SD 1.x, checked when `shapes` are given); none: "unknown LoRA type", not installed.
+    2. Load (patches/lora_conversions/sd_lora_conversion_utils.py `lora_model_from_sd_state_dict`, no key
+       conversion for SD 1.x): keys grouped by the text before the first "."; a group without
+       lora_up.weight (or a LyCORIS leaf) raises "Unsupported lora format": the whole LoRA fails.
+    3. Patch (patches/layer_patcher.py `apply_smart_model_patch` with prefix "lora_unet_" for the UNet and
+       "lora_te_" for the text encoder): other layers are skipped silently; a layer whose flattened
+       name resolves to no submodule raises at generation time. Missing alpha: scale 1.0 (lora_layer.py).
+    The text encoder is transformers 4.x CLIPTextModel (module paths with `text_model.`).
+    """
+    keys = list(keys)
+    probe = None
+    for key in keys:
+        module, leaf = _first_dot(key)
+        if leaf == "lora_down.weight" and ((key.startswith("lora_unet_") and ("_attn2_to_k." in key or "_attn2_to_v." in key))
+                                           or (key.startswith("lora_te") and "_self_attn_" in key)):
+            probe = key
+            break
+    if probe is None:
+        return _rejected("invokeai", keys, "no lora_unet_*attn2_to_k/v or lora_te*_self_attn_* lora_down key: "
+                         "InvokeAI cannot tell the base model ('unknown LoRA type') and will not install it")
+    if shapes is not None and probe in shapes and tuple(shapes[probe])[1] != 768:
+        return _rejected("invokeai", keys, f"{probe} has in-width {tuple(shapes[probe])[1]}, not 768: not an SD 1.x LoRA to InvokeAI")
+    groups = _group(keys, _first_dot)
+    for stem, leaves in groups.items():
+        if not any(k in leaves for k in _INVOKE_LAYER_KEYS):
+            return _rejected("invokeai", keys, f"layer {stem!r} has {sorted(leaves)}: InvokeAI raises 'Unsupported lora format'")
+        if "lora_up.weight" in leaves and "dora_scale" not in leaves and "lora_down.weight" not in leaves:
+            return _rejected("invokeai", keys, f"layer {stem!r} has no lora_down.weight: InvokeAI raises KeyError")
+    result = LoaderResult("invokeai")
+    skipped = []
+    for stem, leaves in groups.items():
+        for prefix, tree, kind in (("lora_unet_", names.unet_tree, UNET), ("lora_te_", names.text_encoder_tree, TEXT_ENCODER)):
+            if stem.startswith(prefix):
+                path = _invoke_resolve(stem[len(prefix):], tree)
+                if path is None or (path not in names.unet and path not in names.text_encoder):
+                    return _rejected("invokeai", keys, f"{stem} resolves to no {kind[:-1]} module: InvokeAI raises when it patches the model")
+                result.applied_modules.add(kind + path)
+                if "alpha" not in leaves:
+                    result.missing_alpha.append(kind + path)
+                break
+        else:
+            skipped.extend(leaves.values())
+    result.ignored_keys = sorted(skipped)
+    if skipped:
+        result.reason = f"{len(skipped)} keys have neither the lora_unet_ nor the lora_te_ prefix and are skipped silently"
+    result.missing_alpha.sort()
+    return result
+
+
+# ----------------------------------------------------------------------------- diffusers
+
+def _converted_module(name: str, text_encoder: bool) -> str:
+    """Module path PEFT patches for a key in diffusers' spellings (`..attn1.processor.to_q_lora.down.weight`,
+    `..proj_in.lora.down.weight`, `..mlp.fc1.lora_linear_layer.down.weight`, PEFT `..lora_A.weight`);
+    the renames of diffusers/utils/state_dict_utils.py `convert_state_dict_to_peft`."""
+    for suffix in (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", ".lora.down.weight",
+                   ".lora.up.weight", "_lora.down.weight", "_lora.up.weight", ".lora_A.weight", ".lora_B.weight",
+                   ".lora_A.bias", ".lora_B.bias", ".lora_magnitude_vector"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = name.replace(".processor.", ".")
+    if text_encoder:
+        for old, new in ((".to_q", ".q_proj"), (".to_k", ".k_proj"), (".to_v", ".v_proj"), (".to_out", ".out_proj")):
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+    elif name.endswith(".to_out"):
+        name += ".0"
+    return name
+
+
+def _strip_text_model(path: str) -> str:
+    return path.removeprefix("text_model.")
+
+
+def match_diffusers(keys: Iterable[str], names: ModelNames) -> LoaderResult:
+    """diffusers 0.42 `StableDiffusionPipeline.load_lora_weights` (loaders/lora_pipeline.py).
+
+    `lora_state_dict`: only when EVERY key starts with lora_unet_/lora_te_/lora_te1_/lora_te2_ is the file
+    read as kohya (lora_conversion_utils.py `_convert_non_diffusers_lora_to_diffusers`): each lora_down
+    needs its lora_up (else KeyError), and any key left after taking down/up/alpha raises ValueError
+    "keys have not been correctly renamed". Otherwise the file is read as diffusers/PEFT: every key must
+    contain "lora" (else ValueError), and only keys under "unet." / "text_encoder." load (lora_base.py
+    `_load_lora_into_text_encoder`, peft.py `load_lora_adapter` filter on the prefix): others, e.g.
+    kohya keys mixed into a dotted file, are dropped silently. "text_model." is optional on the text
+    encoder side (stripped when CLIPTextModel lacks that level). Alphas: kohya `.alpha` keys, or for
+    dotted files the `lora_adapter_metadata`; without either the scale is 1.0.
+    """
+    keys = list(keys)
+    unet_paths = names.unet
+    te_paths = {_strip_text_model(t): t for t in names.text_encoder}
+    result = LoaderResult("diffusers")
+    if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
+        from diffusers.loaders.lora_conversion_utils import _convert_text_encoder_lora_key, _convert_unet_lora_key
+
+        groups = _group(keys, _first_dot)
+        unmatched = []
+        for module, suffixes in groups.items():
+            if "lora_down.weight" not in suffixes:
+                return _rejected("diffusers", keys, f"{module} has {sorted(suffixes)} without lora_down.weight: "
+                                 "diffusers raises 'keys have not been correctly renamed'")
+            if "lora_up.weight" not in suffixes:
+                return _rejected("diffusers", keys, f"{module} has no lora_up.weight: diffusers raises KeyError")
+            extra = set(suffixes) - {"lora_down.weight", "lora_up.weight", "alpha"}
+            if extra:
+                return _rejected("diffusers", keys, f"{module} has {sorted(extra)}: diffusers raises 'keys have not been correctly renamed'")
+            down_key = suffixes["lora_down.weight"]
+            if module.startswith("lora_unet_"):
+                path = _converted_module(_convert_unet_lora_key(down_key), text_encoder=False)
+                target = UNET + path if path in unet_paths else None
+            elif module.startswith("lora_te2_"):
+                target = None  # an SD 1.x pipeline has no text_encoder_2: dropped
+            else:
+                path = _converted_module(_convert_text_encoder_lora_key(down_key, module), text_encoder=True)
+                t = te_paths.get(_strip_text_model(path))
+                target = TEXT_ENCODER + t if t else None
+            if target is None:
+                unmatched.extend(suffixes.values())
+                continue
+            result.applied_modules.add(target)
+            if "alpha" not in suffixes:
+                result.missing_alpha.append(target)
+        for kind, prefixes in ((UNET, ("lora_unet_",)), (TEXT_ENCODER, ("lora_te_", "lora_te1_"))):
+            has_keys = any(k.startswith(prefixes) for k in keys)
+            if has_keys and not any(m.startswith(kind) for m in result.applied_modules):
+                # peft raises NoMatchingPeftModuleError "Target modules ... not found in the base model"
+                return _rejected("diffusers", keys, f"no {kind[:-1]} key names a module of this model: "
+                                 "PEFT finds no target modules and raises")
+        result.ignored_keys = sorted(unmatched)
+        if unmatched:
+            result.reason = f"{len(unmatched)} keys name modules this model lacks: they are dropped"
+        result.missing_alpha.sort()
+        return result
+
+    not_lora = [k for k in keys if "lora" not in k]
+    if not_lora:
+        return _rejected("diffusers", keys, f"{not_lora[0]!r} does not contain 'lora': diffusers raises 'Invalid LoRA checkpoint'")
+    ignored = []
+    for key in keys:
+        target = None
+        for prefix, kind in (("unet.", UNET), ("text_encoder.", TEXT_ENCODER)):
+            if key.startswith(prefix):
+                path = _converted_module(key[len(prefix):], text_encoder=kind == TEXT_ENCODER)
+                if kind == UNET and path in unet_paths:
+                    target = UNET + path
+                elif kind == TEXT_ENCODER and _strip_text_model(path) in te_paths:
+                    target = TEXT_ENCODER + te_paths[_strip_text_model(path)]
+                break
+        if target is None:
+            ignored.append(key)
+        else:
+            result.applied_modules.add(target)
+    result.ignored_keys = sorted(ignored)
+    if ignored:
+        result.reason = f"{len(ignored)} keys are outside 'unet.'/'text_encoder.' or name no module: dropped silently"
+    return result
+
+
+# ----------------------------------------------------------------------------- all loaders
+
+LOADERS = {
+    "a1111": match_a1111,
+    "forge": match_forge,
+    "comfyui": match_comfyui,
+    "invokeai": match_invokeai,
+    "diffusers": match_diffusers,
+}
+LOADER_TITLES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "comfyui": "ComfyUI", "invokeai": "InvokeAI",
+                 "diffusers": "diffusers load_lora_weights"}
+
+
+def match(loader: str, keys: Iterable[str], names: ModelNames) -> LoaderResult:
+    return LOADERS[loader](keys, names)
+
+
+def match_all(keys: Iterable[str], names: ModelNames) -> dict[str, LoaderResult]:
+    keys = list(keys)
+    return {name: fn(keys, names) for name, fn in LOADERS.items()}
+
+
+def file_modules(keys: Iterable[str], names: ModelNames) -> set[str]:
+    """Module ids a kohya-format file means to patch (what a fully compatible loader applies)."""
+    kohya_unet = {f"lora_unet_{_flat(d)}": UNET + d for d in names.unet}
+    kohya_te = {f"lora_te_{_flat(t)}": TEXT_ENCODER + t for t in names.text_encoder}
+    out = set()
+    for key in keys:
+        module, _ = _first_dot(key)
+        target = kohya_unet.get(module) or kohya_te.get(module)
+        if target:
+            out.add(target)
+    return out
