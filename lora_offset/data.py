@@ -198,6 +198,7 @@ def probe_image(path: Path) -> tuple[Size | None, str | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", message="Corrupt EXIF data")  # orientation falls back to none
             with Image.open(path) as img:
                 if img.format == "PNG":
                     img.verify()  # must come first and leaves the image unusable: reopen for the size
@@ -257,6 +258,7 @@ def load_image(path: Path, targets: Iterable[Size] = ()) -> Image.Image:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # probe_image has decided already
+        warnings.filterwarnings("ignore", message="Corrupt EXIF data")
         with Image.open(path) as img:
             targets = list(targets)
             if targets and img.format == "JPEG":
@@ -265,7 +267,10 @@ def load_image(path: Path, targets: Iterable[Size] = ()) -> Image.Image:
                 if scale < 1:
                     img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
             img.load()
-            upright = ImageOps.exif_transpose(img)
+            try:
+                upright = ImageOps.exif_transpose(img)
+            except Exception:  # unreadable EXIF: keep the pixels as stored
+                upright = img.copy()
             return to_rgb(upright)
 
 

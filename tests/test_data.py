@@ -178,8 +178,12 @@ def test_tag_frequency_is_kohya_shaped(tmp_path):
     assert (ds.num_instance_images, ds.num_reg_images, ds.num_train_items) == (3, 2, 30)
 
 
-def test_check_caption_lengths_warns_about_long_captions(tiny_components, caplog):
-    tok = tiny_components["tokenizer"]
+def test_check_caption_lengths_warns_about_long_captions(tmp_path, caplog):
+    from transformers import CLIPTokenizer
+
+    from lora_offset.tiny import write_tiny_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tmp_path / "tok")))
     short, long = "sks dog", "a" * 120  # the tiny tokenizer is character-level
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
         assert data.check_caption_lengths([short, long, long], tok) == [long]
