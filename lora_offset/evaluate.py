@@ -23,9 +23,10 @@ import math
 import os
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -232,14 +233,16 @@ def _versions() -> dict:
 def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: Sequence[str] = ("a photo",),
              n: int = 16, steps: int = 30, seed: int = 0, out: str | os.PathLike = "eval", *,
              guidance_scale: float = 7.5, resolution: int = 512, allow_pickle: bool = False,
-             negative_prompt: str = "", batch_size: int = 4, components: dict | None = None) -> dict:
+             negative_prompt: str = "", batch_size: int = 4, components: dict | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
     """Generate N images per setting and prompt, write the report files into `out`, return the report.
 
     `base`: diffusers folder, hub id or single-file SD 1.x checkpoint (see lora_offset.models).
     `loras`: LoraSpec, "FILE[:WEIGHT]" strings or (path, weight) pairs. `components` (optional):
     already-loaded base components {unet, vae, text_encoder, tokenizer, and scheduler_config (a
     dict) or scheduler} used instead of loading `base` (the demo and tests use it); they must not
-    carry a LoRA already, and are moved to the evaluation device.
+    carry a LoRA already, and are moved to the evaluation device. `log` gets one progress line
+    per setting and prompt.
     """
     from lora_offset.sample import ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded, to_pil, to_unit_range
 
@@ -294,6 +297,9 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
                      "prompts": {}}
             histograms[name] = {}
             for p_index, prompt in enumerate(prompts):
+                if log is not None:
+                    log(f"[{name}] {n} images of {prompt!r} ({sampling.prediction_type}"
+                        f"{', zero terminal SNR' if sampling.zero_terminal_snr else ''})")
                 decoded = generate_decoded(pipe, [prompt] * n, seeds, steps=steps, guidance_scale=guidance_scale,
                                            height=resolution, width=resolution, negative_prompt=negative_prompt,
                                            batch_size=batch_size).numpy()
@@ -410,7 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     report = evaluate(args.base, [parse_lora_spec(s) for s in args.lora], args.prompt, n=args.n, steps=args.steps,
                       seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
-                      allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size)
+                      allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
     for name, entry in report["settings"].items():
         for prompt, s in entry["prompts"].items():
             print(f"{name:>20}  mean {s['mean_luminance']:.3f} ± {s['std_luminance']:.3f}  "

@@ -243,6 +243,29 @@ def test_lora_weight_zero_is_the_base_and_settings_do_not_leak(tiny_model_dir, l
     assert mean["b"] != pytest.approx(mean["a"], abs=1e-4)
 
 
+def test_text_encoder_lora_is_loaded(tiny_model_dir, tmp_path):
+    """A LoRA on the text encoder alone (kohya lora_te_text_model_* keys) changes the images."""
+    from transformers import CLIPTextModel
+
+    from lora_offset.lora import add_lora, text_encoder_lora_config
+
+    export = pytest.importorskip("lora_offset.export")
+    te = CLIPTextModel.from_pretrained(str(tiny_model_dir / "text_encoder"))
+    add_lora(te, text_encoder_lora_config(4, 4))
+    with torch.no_grad():
+        for name, p in te.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    state = export.kohya_state_dict(None, te)
+    assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in state)
+    path = tmp_path / "te.safetensors"
+    save_file(state, str(path))
+    report = evaluate(str(tiny_model_dir), [LoraSpec(path)], ["x"], out=tmp_path / "e", **FAST)
+    base = report["settings"]["base"]["prompts"]["x"]["per_image_mean"]
+    lora = report["settings"]["te"]["prompts"]["x"]["per_image_mean"]
+    assert max(abs(a - b) for a, b in zip(base, lora)) > 1e-4
+
+
 def test_components_are_left_without_lora_layers(tiny_model_dir, lora_files, tmp_path):
     from lora_offset.evaluate import _load_base
     from lora_offset.lora import lora_module_names
@@ -341,7 +364,9 @@ def test_cli_eval(tiny_model_dir, lora_files, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert list(report["settings"]) == ["base", "b@0.5"] and report["settings"]["b@0.5"]["weight"] == 0.5
     assert report["config"]["seed"] == 3
-    assert "report:" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "report:" in captured.out
+    assert "[b@0.5] 2 images of 'a photo' (epsilon)" in captured.err
 
 
 def test_cli_eval_missing_base_exits_2(tmp_path, capsys):
