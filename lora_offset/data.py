@@ -20,7 +20,8 @@ What a kohya sd-scripts user can expect, and the choices made where kohya leaves
   centre crop. With buckets: kohya's bucket list (`bucket_resolutions`), each image in the bucket
   of nearest aspect ratio, resized to cover it (Lanczos), centre-cropped. `bucket_no_upscale`:
   the bucket is the image's own size rounded down to `bucket_reso_steps` (after shrinking it to
-  `resolution`² area when larger), so small images are never enlarged.
+  `resolution`² area when larger), so small images are never enlarged. Bucket settings are
+  ignored (and not validated) without `enable_bucket`, as in kohya.
 * Batches are a pure function of (seed, step): `batch(step)` gives the same images, flips and
   caption shuffles in a new process, so resuming needs only the step number. Each batch holds
   images of one bucket; with regularization subsets it also holds as many class images, loaded
@@ -176,6 +177,8 @@ def _one_line(e: BaseException) -> str:
 
 def _oriented_size(img: Image.Image) -> Size:
     w, h = img.size
+    if img.format == "PNG" and "exif" not in img.info:
+        return w, h  # an eXIf chunk after the pixels (rare): reading it would decode the whole image
     try:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # a broken EXIF block must not cost the image

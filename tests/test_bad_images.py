@@ -209,6 +209,19 @@ def test_16bit_gradient_is_not_clipped(tmp_path):
     assert np.all(np.diff(row) >= 0)
 
 
+def test_16bit_rgb_png_keeps_its_colour(tmp_path):
+    def write(p):  # Pillow cannot write 16-bit RGB: build the PNG by hand
+        pixel = struct.pack(">HHH", 0x8000, 0xFFFF, 0x0101)
+        rows = b"".join(b"\0" + pixel * 64 for _ in range(64))
+        ihdr = struct.pack(">IIBBBBB", 64, 64, 16, 2, 0, 0, 0)
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows))
+                      + png_chunk(b"IEND", b""))
+
+    img, px = load_one(tmp_path, write)
+    assert img.getpixel((7, 7)) == (128, 255, 1)
+    assert to_byte(px[:, 7, 7]).tolist() == [128.0, 255.0, 1.0]
+
+
 def test_palette_png_with_transparency_goes_on_white(tmp_path):
     def write(p):
         img = Image.new("P", (64, 64), 0)
@@ -260,21 +273,22 @@ def test_animated_webp_uses_the_first_frame(tmp_path):
     assert img.getpixel((5, 5)) == (255, 0, 0)
 
 
-def test_exif_rotated_jpeg_is_upright(tmp_path):
+@pytest.mark.parametrize("name", ["rot.jpg", "rot.png"])
+def test_exif_rotated_image_is_upright(tmp_path, name):
     def write(p):
         stored = Image.new("RGB", (128, 64), (0, 0, 255))
         stored.paste((255, 0, 0), (0, 0, 64, 64))  # stored: red left half
         exif = Image.Exif()
         exif[0x0112] = 6  # "rotate 90 CW to display": the stored left edge becomes the top
-        stored.save(p, quality=95, exif=exif)
+        stored.save(p, quality=95, exif=exif) if p.suffix == ".jpg" else stored.save(p, exif=exif)
 
     folder = tmp_path / "imgs"
     folder.mkdir()
-    write(folder / "rot.jpg")
+    write(folder / name)
     ds = data.build_dataset(cfg(sub(folder), resolution=128, enable_bucket=True, min_bucket_reso=64,
                                 max_bucket_reso=256), seed=0)
     assert ds.entries[0].size == (64, 128)  # upright: portrait
-    img = data.load_image(folder / "rot.jpg")
+    img = data.load_image(folder / name)
     assert img.size == (64, 128)
     assert img.getpixel((32, 10))[0] > 200 and img.getpixel((32, 120))[2] > 200  # red top, blue bottom
     px = ds.batch(0).pixel_values[0]
