@@ -85,7 +85,7 @@ def _autocast(pipe):
 
 def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30,
                      guidance_scale: float = 7.5, guidance_rescale: float | None = None,
-                     height: int = 512, width: int = 512, negative_prompt: str = "",
+                     height: int = 512, width: int = 512, negative_prompt: str | None = "",
                      batch_size: int = 4) -> torch.Tensor:
     """Generate one image per (prompt, seed) pair; return the raw VAE decode, float32 (N, 3, H, W).
 
@@ -115,7 +115,7 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
             ]).to(device=device, dtype=pipe.unet.dtype)
             latents = pipe(
                 prompt=chunk,
-                negative_prompt=[negative_prompt] * len(chunk),
+                negative_prompt=[negative_prompt or ""] * len(chunk),
                 height=height, width=width,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -83,6 +85,21 @@ def test_unclamped_mean_reveals_clamped_noise():
     s = brightness_stats(np.clip(raw, 0, 1), unclamped=raw)
     assert s["mean_luminance"] > 0.3  # clamping fakes a gray-ish image
     assert abs(s["mean_luminance_unclamped"]) < 0.1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_stats_properties(n, h, w, seed):
+    images = np.random.default_rng(seed).random((n, h, w, 3))
+    s = brightness_stats(images, unclamped=images)
+    # Luminance is linear: the mean luminance is the luminance of the channel means.
+    channel_means = images.reshape(-1, 3).mean(axis=0)
+    assert s["mean_luminance"] == pytest.approx(float(channel_means @ [0.2126, 0.7152, 0.0722]), abs=1e-12)
+    assert s["mean_luminance_unclamped"] == pytest.approx(s["mean_luminance"], abs=1e-12)
+    assert 0 <= s["p1"] <= s["p99"] <= 1
+    assert 0 <= s["frac_below_0_05"] <= 1 and 0 <= s["frac_above_0_95"] <= 1
+    assert s["frac_below_0_05"] + s["frac_above_0_95"] <= 1
+    assert 0 <= s["std_luminance"] <= 0.5 and len(s["per_image_mean"]) == n
 
 
 def test_histogram_sums_to_one_and_bins_right():

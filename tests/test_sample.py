@@ -130,7 +130,7 @@ def test_guidance_rescale_defaults_follow_the_schedule(tiny_components, monkeypa
     generate_decoded(_pipe(tiny_components), ["a"], [0], **FAST)
     z = _pipe(tiny_components, prediction_type="v_prediction", zero_terminal_snr=True)
     out = generate_decoded(z, ["a"], [0], **FAST)
-    generate_decoded(z, ["a"], [0], guidance_rescale=0.3, guidance_scale=3.0, **FAST)
+    generate_decoded(z, ["a"], [0], guidance_rescale=0.3, guidance_scale=3.0, negative_prompt=None, **FAST)
     assert seen == [(0.0, 2, 7.5), (0.7, 2, 7.5), (0.3, 2, 3.0)]
     assert torch.isfinite(out).all()
 
