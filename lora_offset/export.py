@@ -92,7 +92,7 @@ def kohya_state_dict(unet: torch.nn.Module | None, text_encoder: torch.nn.Module
     if not modules:
         raise UserError("export: the model has no LoRA layers (adapter 'default'): nothing to save")
 
-    file_alpha = _file_alpha([scale * rank for _, _, _, rank, scale in modules])
+    file_alpha = _file_alpha([_alpha_value(scale, rank) for _, _, _, rank, scale in modules])
     state: dict[str, torch.Tensor] = {}
     for key, down, up, rank, scale in modules:
         module_alpha = scale * rank
@@ -153,6 +153,12 @@ def _check_adapter_config(prefix: str, model: torch.nn.Module) -> None:
         raise UserError(f"export: the {prefix} adapter was initialized with init_lora_weights={init!r}, which "
                         "changes the base weights; such an adapter cannot be saved as a kohya LoRA: use "
                         "init_lora_weights='gaussian' or True")
+
+
+def _alpha_value(scaling: float, rank: int) -> float:
+    # scaling * r rounded to 12 digits: alpha 0.3 at r=3 is 0.3, not 0.30000000000000004, so equal
+    # alphas count as equal and the file shows the number the user typed.
+    return float(f"{scaling * rank:.12g}")
 
 
 def _file_alpha(module_alphas: list[float]) -> float:
@@ -232,8 +238,6 @@ def ss_metadata(
         "ss_network_dim": int(network_dim),
         "ss_network_alpha": float(network_alpha),
         "ss_network_args": json.dumps(network_args),
-        "ss_network_train_unet_only": not train_text_encoder,
-        "ss_network_train_text_encoder_only": False,
         "ss_base_model_version": "sd_v1_v" if v_pred else "sd_v1",
         "ss_v2": False,
         "ss_v_parameterization": v_pred,
@@ -310,7 +314,12 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 
 def save_lora(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
               precision: str = "fp16") -> Path:
-    """Cast to `precision` (alphas too), add sshs_* hashes, write `path` atomically; return it."""
+    """Cast to `precision` (alphas too), add sshs_* hashes, write `path` atomically; return it.
+
+    Like kohya, alphas are stored in the save precision. An alpha the precision cannot hold exactly
+    (bf16 stores 0.3 as 0.30078) would scale the whole module by the rounding error, so that
+    factor is taken out of the module's lora_up before it is cast.
+    """
     import safetensors.torch
 
     if precision not in PRECISIONS:
@@ -320,7 +329,8 @@ def save_lora(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata
             raise TypeError(f"safetensors metadata must be str -> str; {key!r} has {type(value).__name__}")
     check_finite(state_dict)
     dtype = PRECISIONS[precision]
-    tensors = {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in state_dict.items()}
+    tensors = {key: tensor.detach().to("cpu", dtype).contiguous()
+               for key, tensor in _compensate_alpha_rounding(state_dict, dtype).items()}
     check_finite(tensors, advice=f"the weights overflow {precision}: save with precision 'bf16' or 'fp32'")
 
     model_hash, legacy_hash = sshs_hashes(tensors, metadata)
@@ -328,3 +338,16 @@ def save_lora(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=full)
     return Path(path)
+
+
+def _compensate_alpha_rounding(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype
+                               ) -> dict[str, torch.Tensor]:
+    state = dict(state_dict)
+    for key, alpha in state_dict.items():
+        if not key.endswith(".alpha"):
+            continue
+        up_key = key[: -len("alpha")] + "lora_up.weight"
+        exact, stored = alpha.double().item(), alpha.to(dtype).double().item()
+        if up_key in state and stored != exact and stored != 0:
+            state[up_key] = (state[up_key].double() * (exact / stored)).float()
+    return state

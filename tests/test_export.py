@@ -444,7 +444,7 @@ def test_metadata_fields_are_strings_with_kohya_names():
         "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_output_name": "sks-dog",
         "ss_training_started_at": "1700000000.5", "ss_training_finished_at": "1700003600.25",
         "ss_steps": "1500", "ss_epoch": "10", "ss_resolution": "(512, 640)", "ss_learning_rate": "0.0001",
-        "ss_unet_lr": "0.0002", "ss_text_encoder_lr": "5e-05", "ss_network_train_unet_only": "False",
+        "ss_unet_lr": "0.0002", "ss_text_encoder_lr": "5e-05",
         "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit", "ss_num_train_images": "200",
         "ss_num_reg_images": "100", "ss_seed": "42", "ss_mixed_precision": "fp16",
         "ss_prior_loss_weight": "1.0", "ss_sd_model_name": "v1-5-pruned.safetensors",
@@ -471,7 +471,7 @@ def test_metadata_defaults_v_prediction_and_unet_only():
     assert md["ss_noise_offset"] == "None" and md["ss_min_snr_gamma"] == "None"
     assert md["ss_noise_offset_random_strength"] == "False"
     assert md["ss_network_args"] == "{}"
-    assert md["ss_network_train_unet_only"] == "True" and md["ss_text_encoder_lr"] == "None"
+    assert md["ss_text_encoder_lr"] == "None"  # the text encoder was not trained
     assert md["ss_tag_frequency"] == "{}" and md["ss_resolution"] == "(512, 512)"
     with pytest.raises(UserError, match="prediction_type 'sample'"):
         metadata_for_tests(noise={"prediction_type": "sample"})
@@ -538,6 +538,35 @@ def test_precision_casts_every_tensor_alphas_too(tmp_path, precision, dtype):
     assert loaded["lora_unet_a.alpha"].shape == () and loaded["lora_unet_a.alpha"].item() == 8.0
     torch.testing.assert_close(loaded["lora_unet_a.lora_up.weight"].float(), state["lora_unet_a.lora_up.weight"],
                                rtol=1e-2, atol=1e-2)
+
+
+def test_alpha_rounding_of_the_save_precision_is_taken_out_of_lora_up(tmp_path):
+    """bf16 stores alpha 0.3 as 0.30078: without compensation every module would be 0.26 % too strong."""
+    generator = torch.Generator().manual_seed(0)
+    up, down = torch.randn(256, 4, generator=generator), torch.randn(4, 64, generator=generator)
+    state = {"lora_unet_m.lora_down.weight": down, "lora_unet_m.lora_up.weight": up,
+             "lora_unet_m.alpha": torch.tensor(0.3)}
+    loaded = safetensors.torch.load_file(str(save_lora(tmp_path / "a.safetensors", state, metadata_for_tests(),
+                                                       precision="bf16")))
+    assert loaded["lora_unet_m.alpha"].item() == pytest.approx(0.30078125)
+    exact = 0.3 / 4 * up.double()
+    stored = loaded["lora_unet_m.alpha"].double().item() / 4 * loaded["lora_unet_m.lora_up.weight"].double()
+    systematic = (stored * exact).sum() / (exact * exact).sum()  # the common scale factor of the module
+    assert abs(systematic.item() - 1) < 5e-4
+
+
+def test_alpha_is_the_number_the_user_typed(tiny_components):
+    unet = tiny_components["unet"]
+    config = unet_lora_config(rank=3, alpha=0.3)
+    config.rank_pattern = {r".*attn1\.to_q": 7}
+    add_lora(unet, config)
+    state = kohya_state_dict(unet)
+    assert {t.item() for k, t in state.items() if k.endswith(".alpha")} == {torch.tensor(0.3).item()}
+    # same alpha at another rank: nothing folded, the scale is alpha / 7 there, as in PEFT
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert state[f"{key}.lora_down.weight"].shape[0] == 7
+    assert torch.equal(state[f"{key}.lora_up.weight"], layer.lora_B["default"].weight)
 
 
 def test_bad_precision_and_non_string_metadata_are_refused(tmp_path):
