@@ -1,0 +1,283 @@
+"""`lora-offset merge`: bake kohya-format LoRAs into an SD 1.x checkpoint.
+
+    lora-offset merge --base model.safetensors --lora a.safetensors:0.8 --lora b.safetensors:-0.3 --out merged.safetensors
+
+For every LoRA'd module: W <- W + ratio * (alpha / r) * up @ down, computed in fp32 (convolutions
+on flattened weights, then reshaped to W's shape). BASE is a single-file LDM checkpoint or a
+diffusers folder; the output keeps BASE's layout. Tensors no LoRA touches are copied
+bit-identical and every tensor keeps its dtype, unless --precision casts all floating tensors.
+A LoRA key that matches no module of BASE stops the merge: a half-applied LoRA is worse than none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from lora_offset import checkpoint
+from lora_offset.errors import UserError
+from lora_offset.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name, split_key
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+METADATA_KEY = "lora_offset.merged_loras"
+# Alternative spellings that every web UI accepts for the same thing.
+PREFIX_ALIASES = {"lora_te1_": "lora_te_"}
+SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_WEIGHTS = Path("text_encoder") / "model.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    alpha: float | None  # None: scale 1.0, as every loader does
+
+
+# --------------------------------------------------------------------------------------------
+# Pure merge math
+
+
+def lora_delta(module: LoraModule, ratio: float) -> torch.Tensor:
+    """ratio * (alpha / r) * up @ down in fp32, shaped [out, in, *kernel] (or [out, in] for Linear)."""
+    down = module.down.float()
+    up = module.up.float()
+    rank = down.shape[0]
+    scale = 1.0 if module.alpha is None else module.alpha / rank
+    delta = up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)
+    return (ratio * scale) * delta.reshape(up.shape[0], *down.shape[1:])
+
+
+def parse_kohya_lora(state: Mapping[str, torch.Tensor], name: str) -> dict[str, LoraModule]:
+    """{kohya module key: LoraModule} of a kohya-format LoRA state dict; UserError on anything else."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state.items():
+        module, suffix = split_key(key)
+        suffix = SUFFIX_ALIASES.get(suffix, suffix)
+        for alias, prefix in PREFIX_ALIASES.items():
+            if module.startswith(alias):
+                module = prefix + module[len(alias):]
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            unknown.append(key)
+            continue
+        parts.setdefault(module, {})[suffix] = tensor
+    if unknown:
+        kind = " (DoRA)" if any("dora_scale" in k for k in unknown) else ""
+        raise UserError(f"{name}: {len(unknown)} keys are not plain LoRA weights{kind} and cannot be merged, "
+                        f"e.g. {', '.join(unknown[:5])}")
+    modules = {}
+    for module, p in parts.items():
+        if "lora_down.weight" not in p or "lora_up.weight" not in p:
+            raise UserError(f"{name}: module {module} lacks its lora_down or lora_up weight")
+        alpha = p.get("alpha")
+        modules[module] = LoraModule(p["lora_down.weight"], p["lora_up.weight"], None if alpha is None else float(alpha))
+    if not modules:
+        raise UserError(f"{name}: has no LoRA weights (no *.lora_down.weight keys)")
+    return modules
+
+
+def merge_into_state_dict(
+    base: dict[str, torch.Tensor],
+    loras: Sequence[tuple[str, Mapping[str, LoraModule], float]],
+    targets: Mapping[str, str],
+    precision: torch.dtype | None = None,
+) -> set[str]:
+    """Merge LoRAs into `base` in place; return the keys of the tensors changed.
+
+    `loras` holds (name, modules, ratio); `targets` maps each kohya module key to the key of
+    its weight in `base`. Touched tensors are summed in fp32 and cast back to their own dtype
+    (or to `precision`); with `precision`, every other floating tensor is cast too, else left as is.
+    """
+    unmatched = [f"{name}: {m}" for name, modules, _ in loras for m in modules if m not in targets]
+    if unmatched:
+        raise UserError(f"{len(unmatched)} LoRA modules match no weight of the base model (is it an SD 1.x LoRA?): "
+                        f"{'; '.join(unmatched[:5])}")
+    deltas: dict[str, torch.Tensor] = {}
+    for name, modules, ratio in loras:
+        for module_key, module in modules.items():
+            weight_key = targets[module_key]
+            weight = base[weight_key]
+            delta = lora_delta(module, ratio)
+            if delta.numel() != weight.numel():
+                raise UserError(f"{name}: {module_key} has shape {tuple(delta.shape)} but the base weight "
+                                f"{weight_key} is {tuple(weight.shape)}: the LoRA was trained on another model")
+            delta = delta.reshape(weight.shape)
+            deltas[weight_key] = deltas[weight_key] + delta if weight_key in deltas else delta
+    for key, delta in deltas.items():
+        dtype = precision or base[key].dtype
+        base[key] = (base[key].float() + delta).to(dtype).contiguous()
+    if precision is not None:
+        for key, tensor in base.items():
+            if key not in deltas and tensor.is_floating_point():
+                base[key] = tensor.to(precision)
+    return set(deltas)
+
+
+def kohya_targets(unet_weights: Mapping[str, str], text_encoder_weights: Mapping[str, str]) -> dict[str, str]:
+    """{kohya module key: base tensor key} from {diffusers parameter key: base tensor key} per model."""
+    targets = {}
+    for prefix, weights in ((UNET_PREFIX, unet_weights), (TEXT_ENCODER_PREFIX, text_encoder_weights)):
+        for diffusers_key, base_key in weights.items():
+            if diffusers_key.endswith(".weight"):
+                targets[kohya_name(prefix, diffusers_key[: -len(".weight")])] = base_key
+    return targets
+
+
+def parse_lora_argument(value: str) -> tuple[Path, float]:
+    """'FILE' or 'FILE:RATIO' -> (path, ratio); a ':' not followed by a number belongs to the file name."""
+    file, sep, ratio = value.rpartition(":")
+    if sep:
+        try:
+            return Path(file), float(ratio)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]], out: str | Path,
+                     precision: str | None = None, allow_pickle: bool = False) -> set[str]:
+    """Merge LoRA files (path, ratio) into BASE (LDM single file or diffusers folder), write OUT.
+
+    Returns the keys of the tensors changed.
+    """
+    base, out = Path(base), Path(out)
+    if not base.exists():
+        raise UserError(f"{base}: no such file or folder")
+    if not loras:
+        raise UserError("no --lora given: nothing to merge")
+    if out.resolve() == base.resolve():
+        raise UserError(f"{out}: --out must differ from --base (the base model is read while the output is written)")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS.get(precision) if precision else None
+
+    parsed = []
+    record = []
+    for path, ratio in loras:
+        path = Path(path)
+        state = checkpoint.read_state_dict(path, allow_pickle=allow_pickle)
+        if any(k.startswith("lora_te2_") for k in state):
+            raise UserError(f"{path}: is an SDXL LoRA (lora_te2_ keys); lora-offset merges SD 1.x LoRAs only")
+        parsed.append((path.name, parse_kohya_lora(state, str(path)), float(ratio)))
+        entry = {"file": path.name, "sha256": file_sha256(path), "ratio": float(ratio)}
+        model_hash = checkpoint.read_metadata(path).get("sshs_model_hash")
+        if model_hash:
+            entry["sshs_model_hash"] = model_hash
+        record.append(entry)
+    metadata = {METADATA_KEY: json.dumps(record), "lora_offset.merge_precision": precision or "base"}
+
+    if base.is_dir():
+        return _merge_diffusers_folder(base, parsed, out, dtype, metadata)
+    return _merge_single_file(base, parsed, out, dtype, metadata, allow_pickle)
+
+
+def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict[str, str], allow_pickle: bool) -> set[str]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from lora_offset.fileio import atomic_write
+
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"{out}: a single-file base is written as one .safetensors file; end --out in .safetensors")
+    state = checkpoint.read_state_dict(base, allow_pickle=allow_pickle)
+    checkpoint.require_sd1(state, base)
+    config_dir = checkpoint.default_config_dir()
+    # The map is derived from this file's own keys, so the merge writes exactly the names it has.
+    key_map = checkpoint.derive_ldm_map(
+        {k: v for k, v in state.items() if not k.startswith(checkpoint.LDM_VAE_PREFIX)},
+        UNet2DConditionModel.load_config(config_dir / "unet"), AutoencoderKL.load_config(config_dir / "vae"),
+    )
+    touched = merge_into_state_dict(state, loras, kohya_targets(key_map["unet"], key_map["text_encoder"]), dtype)
+    base_metadata = checkpoint.read_metadata(base)
+    meta = {**base_metadata, "format": "pt", **metadata}
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return touched
+
+
+def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict[str, str]) -> set[str]:
+    from safetensors.torch import load_file, save_file
+
+    from lora_offset.fileio import atomic_write
+
+    files = {"unet": base / UNET_WEIGHTS, "text_encoder": base / TEXT_ENCODER_WEIGHTS}
+    for component, path in files.items():
+        if not path.is_file():
+            raise UserError(f"{base}: diffusers folder has no {path.relative_to(base)} "
+                            "(merging needs unsharded .safetensors weights for the UNet and text encoder)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists; choose a new --out folder or remove it")
+    states = {}
+    for component, path in files.items():
+        try:
+            states[component] = load_file(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file, it may be truncated or corrupt: {e}") from None
+    # Prefixing keeps the two models' tensors apart in one dict for the pure merge function.
+    combined = {f"{c}/{k}": v for c, s in states.items() for k, v in s.items()}
+    targets = kohya_targets({k: f"unet/{k}" for k in states["unet"]},
+                            {k: f"text_encoder/{k}" for k in states["text_encoder"]})
+    touched = merge_into_state_dict(combined, loras, targets, dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        shutil.copytree(base, staging, dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if Path(folder, n) in files.values()])
+        for component, path in files.items():
+            tensors = {k.split("/", 1)[1]: v for k, v in combined.items() if k.startswith(component + "/")}
+            meta = {**checkpoint.read_metadata(path), "format": "pt", **metadata}
+            atomic_write(staging / path.relative_to(base), lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)  # the folder appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return touched
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="PATH",
+                        help="SD 1.x base model: single-file LDM checkpoint (.safetensors; .ckpt with --allow-pickle) or diffusers folder")
+    parser.add_argument("--lora", required=True, action="append", metavar="FILE[:RATIO]",
+                        help="kohya-format LoRA file and its ratio (default 1.0); repeat to merge several")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="output: a .safetensors file for a single-file base, a new folder for a diffusers base")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+                        help="cast every floating tensor to this dtype (default: keep each tensor's dtype)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickled .ckpt/.pt inputs (loaded with torch.load(weights_only=True)); only for files you trust")
+
+
+def run(args: argparse.Namespace) -> int:
+    loras = [parse_lora_argument(value) for value in args.lora]
+    touched = merge_checkpoint(args.base, loras, args.out, precision=args.precision, allow_pickle=args.allow_pickle)
+    names = ", ".join(f"{p.name}:{r:g}" for p, r in loras)
+    print(f"merged {names} into {len(touched)} weights; wrote {args.out}")
+    return 0
