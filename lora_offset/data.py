@@ -82,6 +82,9 @@ def validate_dataset_config(cfg) -> None:
         if cfg.min_bucket_reso > cfg.max_bucket_reso:
             raise UserError(f"dataset.min_bucket_reso = {cfg.min_bucket_reso} is larger than dataset.max_bucket_reso = "
                             f"{cfg.max_bucket_reso}; set min_bucket_reso <= max_bucket_reso")
+        if cfg.bucket_reso_steps > cfg.resolution:
+            raise UserError(f"dataset.bucket_reso_steps = {cfg.bucket_reso_steps} is larger than dataset.resolution = "
+                            f"{cfg.resolution}; use bucket_reso_steps = 64")
         if not cfg.min_bucket_reso <= cfg.resolution <= cfg.max_bucket_reso:
             raise UserError(f"dataset.resolution = {cfg.resolution} must lie between dataset.min_bucket_reso = "
                             f"{cfg.min_bucket_reso} and dataset.max_bucket_reso = {cfg.max_bucket_reso}")

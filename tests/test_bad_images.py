@@ -454,6 +454,8 @@ def test_empty_regularization_folder(tmp_path):
     ({"enable_bucket": True, "resolution": 512, "min_bucket_reso": 64, "max_bucket_reso": 256},
      "dataset.resolution = 512 must lie between dataset.min_bucket_reso = 64 and dataset.max_bucket_reso = 256"),
     ({"batch_size": 0}, "dataset.batch_size = 0 must be at least 1"),
+    ({"enable_bucket": True, "resolution": 64, "min_bucket_reso": 64, "bucket_reso_steps": 128},
+     "dataset.bucket_reso_steps = 128 is larger than dataset.resolution = 64; use bucket_reso_steps = 64"),
 ])
 def test_bad_dataset_settings(tmp_path, settings, message):
     folder = tmp_path / "imgs"
@@ -490,3 +492,12 @@ def test_image_removed_after_the_scan(tmp_path):
     assert "\n" not in message
     assert message.startswith(f"cannot read image '{folder / 'a.png'}' (UnidentifiedImageError: ")
     assert message.endswith("); it was readable when the dataset was scanned: restore it or remove it and start again")
+
+
+def test_broken_symlink_is_skipped(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    noise_image().save(folder / "good.png")
+    (folder / "link.png").symlink_to(tmp_path / "deleted.png")
+    ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    assert ds.skipped == [(folder / "link.png", "cannot read (No such file or directory)")]

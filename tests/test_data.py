@@ -414,3 +414,35 @@ def test_reg_subset_waiting_for_generated_images_is_not_an_error(tmp_path):
     c = cfg(sub(inst), sub(tmp_path / "reg", is_reg=True, class_tokens="dog", num_class_images=4))
     ds = data.build_dataset(c, seed=0)
     assert ds.num_reg_images == 0 and ds.batch(0).is_reg.tolist() == [False]
+
+
+# ---- properties of the pure functions ----------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(res=st.integers(1, 16), lo=st.integers(1, 16), span=st.integers(0, 16), step=st.sampled_from([64, 128]),
+       w=st.integers(64, 4000), h=st.integers(64, 4000))
+def test_bucket_properties(res, lo, span, step, w, h):
+    res, lo = res * 64, lo * 64
+    hi = lo + span * 64
+    if step > res:  # refused by validate_dataset_config
+        return
+    buckets = data.bucket_resolutions(res, lo, hi, step)
+    square = res // step * step
+    assert (square, square) in buckets
+    for bw, bh in buckets:
+        assert bw * bh <= res * res and bw % 64 == 0 and bh % 64 == 0 and (bh, bw) in buckets
+        if (bw, bh) != (square, square):
+            assert lo <= bw <= hi and lo <= bh <= hi
+    best = data.nearest_bucket((w, h), buckets)
+    assert all(abs(best[0] / best[1] - w / h) <= abs(b[0] / b[1] - w / h) for b in buckets)
+    nw, nh = data.no_upscale_bucket((w, h), res, step)
+    assert nw % step == 0 and nh % step == 0
+    assert (nw <= max(w, step)) and (nh <= max(h, step))
+    left, top, right, bottom = data.center_crop_box((w, h), best)
+    assert 0 <= left and 0 <= top and right <= w + 1e-9 and bottom <= h + 1e-9
+    assert abs((right - left) / (bottom - top) - best[0] / best[1]) < 1e-9
+    assert abs(left - (w - right)) < 1e-9 and abs(top - (h - bottom)) < 1e-9
