@@ -14,21 +14,26 @@ modules of one model: it keeps the most common alpha as `lora_alpha` and sends t
 PEFT's `alpha_pattern` under names built by `_get_alpha_name`, which for the UNet attention
 projections ("...attn1.processor.to_q_lora.down.weight.alpha") and for every text-encoder module
 ("...self_attn" / "...mlp.fc1.lora_linear_layer") match no module, so those modules silently get
-the common alpha (tests/test_export.py pins this). With one alpha per file every loader (A1111,
+the common alpha; PEFT only emits a RuntimeWarning (tests/test_export.py pins this). What does load
+right: distinct alphas on proj_in/proj_out, ff and the conv-LoRA modules (so conv_alpha alone would
+work), and a text-encoder alpha that differs from the UNet's (each model gets its own config).
+Rather than depend on which names survive, the file gets one alpha, and every loader (A1111,
 Forge, ComfyUI, InvokeAI, kohya, diffusers) computes the same delta:
 
     alpha_file = the most common scaling * r over the modules (normally the network alpha)
     lora_up'   = lora_up * (scaling * r / alpha_file)     for the modules whose value differs
     => alpha_file / r * lora_up' @ lora_down == scaling * lora_up @ lora_down
 
-So a plain rank-16 / alpha-8 LoRA is written exactly as kohya writes it; with conv LoRA and a
-conv_alpha / conv_dim ratio that differs from alpha / dim, the conv modules carry their scale in
-lora_up, and `ss_network_args` still records the conv_dim / conv_alpha they were trained with.
+So a plain rank-16 / alpha-8 LoRA is written exactly as kohya writes it (a module at another rank
+but the same alpha needs no fold either: loaders divide by each module's own r); with conv LoRA
+and conv_alpha != alpha, the 3x3 conv modules carry their scale in lora_up, and `ss_network_args`
+still records the conv_dim / conv_alpha they were trained with.
 
 Hashes (`sshs_model_hash`, `sshs_legacy_hash`) follow kohya's `precalculate_safetensors_hashes`:
 both are taken from the serialization of the tensors with only the `ss_*` metadata, so that
 editing other metadata later does not change them. Tensors are stored in the save precision,
-alphas included (kohya casts its whole state dict, alpha buffers too).
+alphas included (kohya casts its whole state dict, alpha buffers too); an alpha the precision
+rounds has its rounding factor taken out of lora_up.
 """
 
 from __future__ import annotations
@@ -151,7 +156,8 @@ def _check_adapter_config(prefix: str, model: torch.nn.Module) -> None:
     init = getattr(config, "init_lora_weights", True)
     if not any(init is ok or (isinstance(init, str) and init == ok) for ok in EXPORTABLE_INITS):
         raise UserError(f"export: the {prefix} adapter was initialized with init_lora_weights={init!r}, which "
-                        "changes the base weights; such an adapter cannot be saved as a kohya LoRA: use "
+                        "changes the base weights or the LoRA forward; such an adapter cannot be saved as a kohya "
+                        "LoRA: use "
                         "init_lora_weights='gaussian' or True")
 
 
