@@ -1,0 +1,183 @@
+"""bench/train_bench.py: the --tiny harness end to end on CPU, and its pure pieces (peaks, ratios, hooks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("train_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+NUMERIC = ("it_per_s", "images_per_s", "step_time_median_s", "flops_per_step", "tflops_per_s", "total_s")
+GPU_ONLY = ("peak_allocated_gb", "peak_reserved_gb", "loop_peak_allocated_gb", "mfu")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert bench.main(["--tiny", "--out", str(out), "--warmup", "1", "--steps", "2"]) == 0
+    return out, json.loads((out / "bench.json").read_text(encoding="utf-8"))
+
+
+def test_tiny_report_has_every_profile_with_numeric_fields(tiny_report):
+    out, report = tiny_report
+    assert report["tiny"] is True
+    assert set(report["profiles"]) == {"consumer", "throughput", "naive"}
+    for name, r in report["profiles"].items():
+        for key in NUMERIC:
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
+        for key in GPU_ONLY:
+            assert r[key] is None, (name, key)  # no CUDA metrics on a CPU, rather than made-up ones
+        assert r["timed_steps"] == 2 and r["skipped_steps"] == 0
+        assert r["images_per_s"] == pytest.approx(r["it_per_s"] * r["settings"]["batch_size"])
+        assert r["tflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_median_s"] / 1e12)
+        assert math.isfinite(r["final_loss"])
+        assert (out / "data" / "images-64").is_dir()
+    env = report["environment"]
+    assert env["device"].startswith("CPU") and env["peak_tflops"] is None
+    assert env["torch"] == torch.__version__ and env["command"].startswith("python bench/train_bench.py --tiny")
+    assert set(report["ratios"]) == {"consumer/naive", "throughput/naive"}
+    assert report["ratios"]["throughput/naive"]["images_per_s"] > 0
+    assert report["ratios"]["consumer/naive"]["peak_allocated"] is None
+    assert all(v is None for v in report["targets"].values())
+
+
+def test_tiny_profiles_run_the_settings_they_name(tiny_report):
+    _, report = tiny_report
+    c, t, n = (report["profiles"][k] for k in ("consumer", "throughput", "naive"))
+    assert (c["settings"]["batch_size"], t["settings"]["batch_size"], n["settings"]["batch_size"]) == (1, 8, 1)
+    assert c["settings"]["optimizer"] == "adamw8bit" and n["settings"]["optimizer"] == "adamw"
+    assert t["settings"]["weight_dtype"] == "bfloat16" and n["settings"]["weight_dtype"] == "float32"
+    assert t["settings"]["torch_compile"] is False and any("torch_compile" in x for x in t["notes"])
+    assert n["settings"]["text_embedding_cache"] is False and n["settings"]["cache_latents"] is False
+    assert all(r["settings"]["attention"] == ["AttnProcessor2_0"] for r in (c, t, n))  # SDPA
+    # The FLOP counts show the settings took effect: per image, the plain UNet step (throughput, batch 8)
+    # costs less than a checkpointed one (forward recomputed) and than one that runs the VAE and text encoder.
+    per_image = t["flops_per_step"] / 8
+    assert per_image < c["flops_per_step"] < 2 * per_image
+    assert per_image < n["flops_per_step"] < 2 * per_image
+
+
+def test_tiny_markdown_table(tiny_report):
+    out, _ = tiny_report
+    md = (out / "bench.md").read_text(encoding="utf-8")
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| profile | peak alloc GB | peak reserved GB | it/s | images/s")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["consumer", "throughput", "naive"]
+    assert "- consumer/naive:" in md and "not measured" in md
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA A10G", None),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),
+    ("Tesla T4", None),
+])
+def test_peak_tflops_by_device_name(name, peak):
+    found = bench.peak_tflops(name)
+    assert (found[0] if found else None) == peak
+
+
+def test_ratios_and_targets():
+    results = {
+        "naive": {"peak_allocated_gb": 10.0, "peak_reserved_gb": 12.0, "it_per_s": 4.0, "images_per_s": 4.0},
+        "consumer": {"peak_allocated_gb": 3.0, "peak_reserved_gb": 3.6, "it_per_s": 6.0, "images_per_s": 6.0},
+        "throughput": {"peak_allocated_gb": 30.0, "peak_reserved_gb": 36.0, "it_per_s": 2.0, "images_per_s": 16.0,
+                       "mfu": 0.30},
+    }
+    r = bench.ratios(results)
+    assert r["consumer/naive"] == pytest.approx({"peak_allocated": 0.3, "peak_reserved": 0.3, "it_per_s": 1.5,
+                                                 "images_per_s": 1.5})
+    assert r["throughput/naive"]["images_per_s"] == pytest.approx(4.0)
+    t = bench.targets(results, r)
+    assert t == {"consumer peak allocated <= 3.5 GB": True, "consumer >= 5 it/s": True,
+                 "throughput MFU >= 35 %": False, "consumer memory <= 0.4 x naive": True}
+    results["naive"] = {"profile": "naive", "error": "CUDA out of memory"}
+    assert bench.ratios(results) == {}
+
+
+def test_step_hooks_time_finished_steps_and_count_one_step():
+    hooks = bench.StepHooks(cuda=False, flop_step=3)
+    a = torch.randn(16, 32)
+    b = torch.randn(32, 8)
+    for step in range(5):
+        hooks.on_step_start(step)
+        a @ b
+        if step != 1:  # step 1 is non-finite: train() calls no on_step_end for it
+            hooks.on_step_end(step + 1, 0.5)
+    hooks.close()
+    assert len(hooks.step_times(0, 3)) == 3  # steps 0, 2, 3; step 4 has no next start
+    assert all(t >= 0 for t in hooks.step_times(0, 3))
+    assert hooks.flops == 2 * 16 * 32 * 8  # only step 3's matmul
+    assert sorted(hooks.finished) == [0, 2, 3, 4]
+
+
+def test_flop_counter_counts_cpu_attention():
+    q = torch.randn(1, 2, 64, 8, requires_grad=True)
+    with bench.flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    forward = 2 * (2 * 64 * 64 * 8)  # scores and values, 2 FLOPs per multiply-add
+    assert counter.get_total_flops() >= 2 * forward  # forward + backward
+
+
+def test_sd15_shaped_tokenizer_has_clip_ids(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(bench.write_sd15_shaped_tokenizer(tmp_path / "tok")))
+    assert len(tok) == 49408
+    ids = tok(["a photo of sks"], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert len(ids) == 77 and ids[0] == 49406 and ids[-1] == 49407
+    assert max(ids) == 49407 and min(ids) >= 0
+
+
+def test_sd15_base_model_sizes_on_meta():
+    # The full-size components the GPU benchmark trains: SD 1.5's parameter counts.
+    from lora_offset.sd15 import build_sd15
+
+    counts = {n: sum(p.numel() for p in build_sd15(n, "meta").parameters()) for n in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_full_size_without_gpu_is_a_clear_error(tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_unknown_profile_is_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--out", str(tmp_path), "--profiles", "consumer,fastest"])
+
+
+@pytest.mark.slow
+def test_script_runs_as_ci_calls_it(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path), "--profiles", "naive",
+                           "--warmup", "1", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert list(report["profiles"]) == ["naive"] and report["profiles"]["naive"]["it_per_s"] > 0
