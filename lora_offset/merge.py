@@ -169,6 +169,8 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
         raise UserError("no --lora given: nothing to merge")
     if out.resolve() == base.resolve():
         raise UserError(f"{out}: --out must differ from --base (the base model is read while the output is written)")
+    if base.is_dir() and base.resolve() in out.resolve().parents:
+        raise UserError(f"{out}: --out must not be inside the --base folder {base}")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS.get(precision) if precision else None
@@ -186,14 +188,29 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
         if model_hash:
             entry["sshs_model_hash"] = model_hash
         record.append(entry)
-    metadata = {METADATA_KEY: json.dumps(record), "lora_offset.merge_precision": precision or "base"}
+    metadata = {"lora_offset.merge_precision": precision or "base"}
 
+    metadata[METADATA_KEY] = record  # a list: _output_metadata appends it to the base's own record
     if base.is_dir():
         return _merge_diffusers_folder(base, parsed, out, dtype, metadata)
     return _merge_single_file(base, parsed, out, dtype, metadata, allow_pickle)
 
 
-def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict[str, str], allow_pickle: bool) -> set[str]:
+def _output_metadata(base_metadata: Mapping[str, str], merge_metadata: Mapping[str, object]) -> dict[str, str]:
+    """The base's metadata plus this merge's; a base merged before keeps its earlier LoRAs listed first."""
+    meta = {**base_metadata, "format": "pt"}
+    for key, value in merge_metadata.items():
+        if key == METADATA_KEY:
+            try:
+                earlier = json.loads(base_metadata.get(METADATA_KEY, "[]"))
+            except json.JSONDecodeError:
+                earlier = []
+            value = json.dumps((earlier if isinstance(earlier, list) else []) + list(value))
+        meta[key] = value
+    return meta
+
+
+def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict, allow_pickle: bool) -> set[str]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
 
@@ -210,13 +227,12 @@ def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict[str, 
         UNet2DConditionModel.load_config(config_dir / "unet"), AutoencoderKL.load_config(config_dir / "vae"),
     )
     touched = merge_into_state_dict(state, loras, kohya_targets(key_map["unet"], key_map["text_encoder"]), dtype)
-    base_metadata = checkpoint.read_metadata(base)
-    meta = {**base_metadata, "format": "pt", **metadata}
+    meta = _output_metadata(checkpoint.read_metadata(base), metadata)
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return touched
 
 
-def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict[str, str]) -> set[str]:
+def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict) -> set[str]:
     from safetensors.torch import load_file, save_file
 
     from lora_offset.fileio import atomic_write
@@ -247,7 +263,7 @@ def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict[
                         ignore=lambda folder, names: [n for n in names if Path(folder, n) in files.values()])
         for component, path in files.items():
             tensors = {k.split("/", 1)[1]: v for k, v in combined.items() if k.startswith(component + "/")}
-            meta = {**checkpoint.read_metadata(path), "format": "pt", **metadata}
+            meta = _output_metadata(checkpoint.read_metadata(path), metadata)
             atomic_write(staging / path.relative_to(base), lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -257,11 +257,14 @@ def test_unmatched_lora_is_refused_and_nothing_is_written(base_file, tmp_path):
         merge.merge_checkpoint(base_file, [(xl, 1.0)], out)
 
 
-def test_bad_arguments(base_file, adapted, tmp_path):
+def test_bad_arguments(tiny_model_dir, base_file, adapted, tmp_path):
     with pytest.raises(UserError, match="must differ from --base"):
         merge.merge_checkpoint(base_file, [(adapted["files"]["a"], 1.0)], base_file)
     with pytest.raises(UserError, match=r"end --out in \.safetensors"):
         merge.merge_checkpoint(base_file, [(adapted["files"]["a"], 1.0)], tmp_path / "merged.ckpt")
+    with pytest.raises(UserError, match="must not be inside the --base folder"):
+        merge.merge_checkpoint(tiny_model_dir, [(adapted["files"]["a"], 1.0)], tiny_model_dir / "merged")
+    assert not (tiny_model_dir / "merged").exists()
     with pytest.raises(UserError, match="nope: no such file or folder"):
         merge.merge_checkpoint(tmp_path / "nope", [(adapted["files"]["a"], 1.0)], tmp_path / "o.safetensors")
 
@@ -275,5 +278,33 @@ def test_cli(base_file, adapted, tmp_path, capsys):
     merge.merge_checkpoint(base_file, lora_arguments(adapted), reference)
     got, expected = load_file(str(out)), load_file(str(reference))
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # merging into a merged file keeps the earlier LoRAs in the record
+    again = tmp_path / "again.safetensors"
+    assert main(["merge", "--base", str(out), "--lora", str(a), "--out", str(again)]) == 0
+    record = json.loads(checkpoint.read_metadata(again)[merge.METADATA_KEY])
+    assert [(r["file"], r["ratio"]) for r in record] == [("a.safetensors", 0.7), ("b.safetensors", -0.4), ("a.safetensors", 1.0)]
     assert main(["merge", "--base", str(base_file), "--lora", str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_merges_what_the_exporter_writes(tiny_model_dir, base_file, tmp_path):
+    """End to end with lora_offset.export: conv LoRA with its own alpha (folded into lora_up) + TE."""
+    export = pytest.importorskip("lora_offset.export")
+    from lora_offset.lora import add_lora
+
+    unet, text_encoder = load_models(tiny_model_dir)
+    add_lora(unet, unet_lora_config(rank=4, alpha=1.0, conv_rank=2, conv_alpha=2.0))
+    add_lora(text_encoder, text_encoder_lora_config(rank=4, alpha=1.0))
+    g = torch.Generator().manual_seed(3)
+    for model in (unet, text_encoder):
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = 0.2 * torch.randn(p.shape, generator=g)
+    lora = export.save_lora(tmp_path / "exported.safetensors", export.kohya_state_dict(unet, text_encoder), {}, precision="fp32")
+    out = tmp_path / "merged.safetensors"
+    merge.merge_checkpoint(base_file, [(lora, 1.0)], out)
+    components = checkpoint.load_single_file(out, config_dir=tiny_model_dir)
+    hidden, noise = model_outputs(components["unet"], components["text_encoder"])
+    expected_hidden, expected_noise = model_outputs(unet.eval(), text_encoder.eval())
+    torch.testing.assert_close(hidden, expected_hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(noise, expected_noise, rtol=1e-4, atol=1e-4)
