@@ -443,19 +443,20 @@ def _scan_subset(subset, index: int, report: _ScanReport) -> list[tuple[Path, Si
     return found
 
 
-def _warn_report(report: _ScanReport, max_listed: int = 50) -> None:
-    def listing(lines: list[str]) -> str:
-        shown = lines[:max_listed]
-        more = f"\n  ... and {len(lines) - max_listed} more" if len(lines) > max_listed else ""
+def _warn_report(report: _ScanReport, max_ignored: int = 50) -> None:
+    def listing(lines: list[str], limit: int | None = None) -> str:
+        shown = lines if limit is None else lines[:limit]
+        more = f"\n  ... and {len(lines) - len(shown)} more" if len(shown) < len(lines) else ""
         return "\n".join(f"  {line}" for line in shown) + more
 
-    if report.skipped:
+    if report.skipped:  # every one: each is a training image the user meant to use
         log.warning("skipped %d unreadable image(s):\n%s", len(report.skipped),
                     listing([f"{p}: {reason}" for p, reason in report.skipped]))
     if report.ignored:
         log.warning("ignored %d file(s) that are neither images (%s) nor caption files:\n%s", len(report.ignored),
                     " ".join(IMAGE_EXTENSIONS),
-                    listing([f"{p}/ (subfolders are not scanned)" if p.is_dir() else str(p) for p in report.ignored]))
+                    listing([f"{p}/ (subfolders are not scanned)" if p.is_dir() else str(p) for p in report.ignored],
+                            max_ignored))
     if report.latin1:
         log.warning("%d caption file(s) are not valid UTF-8 and were read as Latin-1 (save them as UTF-8):\n%s",
                     len(report.latin1), listing([str(p) for p in report.latin1]))

@@ -501,3 +501,18 @@ def test_broken_symlink_is_skipped(tmp_path):
     (folder / "link.png").symlink_to(tmp_path / "deleted.png")
     ds = data.build_dataset(cfg(sub(folder)), seed=0)
     assert ds.skipped == [(folder / "link.png", "cannot read (No such file or directory)")]
+
+
+def test_long_lists_of_ignored_files_are_cut_but_skipped_images_are_all_listed(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    noise_image().save(folder / "good.png")
+    for k in range(60):
+        (folder / f"bad{k:02d}.png").write_bytes(b"")
+        (folder / f"meta{k:02d}.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="lora_offset"):
+        ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    skipped, ignored = [r.getMessage() for r in caplog.records]
+    assert len(ds.skipped) == 60 and skipped.count(": empty file (0 bytes)") == 60
+    assert ignored.startswith("ignored 60 file(s)") and ignored.count(".json") == 50
+    assert ignored.endswith("\n  ... and 10 more")
