@@ -22,7 +22,10 @@ names; here such keys count as not understood.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -44,15 +47,17 @@ class ModelNames:
     unet: diffusers module paths of UNet modules that own a `.weight` ("down_blocks.0.resnets.0.conv1").
     unet_ldm: diffusers path -> LDM path under `diffusion_model.` ("input_blocks.1.0.in_layers.2").
     text_encoder: CLIP paths with the `text_model.` level ("text_model.encoder.layers.0.mlp.fc1").
+    diffusers_kohya: kohya module key -> module id, for the keys diffusers' own kohya converter
+        (`_convert_unet_lora_key` / `_convert_text_encoder_lora_key`) turns into a module of this model.
+    text_model_optional: the installed CLIPTextModel has no `text_model.` level (transformers 5), so
+        diffusers strips it from LoRA keys and accepts both spellings.
     """
 
     unet: frozenset[str]
     unet_ldm: Mapping[str, str]
     text_encoder: frozenset[str]
-
-    @functools.cached_property
-    def ldm_to_unet(self) -> dict[str, str]:
-        return {ldm: d for d, ldm in self.unet_ldm.items()}
+    diffusers_kohya: Mapping[str, str]
+    text_model_optional: bool
 
     @functools.cached_property
     def unet_tree(self) -> frozenset[str]:
@@ -62,6 +67,22 @@ class ModelNames:
     @functools.cached_property
     def text_encoder_tree(self) -> frozenset[str]:
         return _all_prefixes(self.text_encoder)
+
+    @functools.cached_property
+    def flat_index(self) -> dict[str, tuple[str, str, str]]:
+        """{kohya module key: (component, module path, style)} for every kohya naming some loader accepts."""
+        return _flat_index(self.unet_ldm, self.text_encoder)
+
+    def to_json(self) -> str:
+        return json.dumps({"unet_ldm": dict(sorted(self.unet_ldm.items())), "text_encoder": sorted(self.text_encoder),
+                           "diffusers_kohya": dict(sorted(self.diffusers_kohya.items())),
+                           "text_model_optional": self.text_model_optional})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelNames":
+        d = json.loads(text)
+        return cls(frozenset(d["unet_ldm"]), d["unet_ldm"], frozenset(d["text_encoder"]), d["diffusers_kohya"],
+                   bool(d["text_model_optional"]))
 
 
 @dataclass
@@ -210,23 +231,65 @@ def check_unet_ldm_map(unet, ldm_map: Mapping[str, str]) -> None:
 
 def model_names(unet, text_encoder) -> ModelNames:
     """ModelNames of an in-memory diffusers UNet and transformers CLIPTextModel (meta tensors are fine)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_text_encoder_lora_key, _convert_unet_lora_key
+
     weight_keys = [k for k in unet.state_dict() if k.endswith(".weight")]
     ldm = derive_unet_ldm_map(weight_keys, unet.config.layers_per_block, unet.config.up_block_types)
     te = {normalize_text_encoder_name(k.rsplit(".", 1)[0]) for k in text_encoder.state_dict() if k.endswith(".weight")}
-    return ModelNames(unet=frozenset(ldm), unet_ldm=ldm, text_encoder=frozenset(te))
+    text_model_optional = not hasattr(text_encoder, "text_model")
+    te_lookup = {(_strip_text_model(t) if text_model_optional else t): t for t in te}
+    resolved = {}
+    for stem, (component, _, _) in _flat_index(ldm, te).items():
+        if component == "unet":
+            path = _converted_module(_convert_unet_lora_key(f"{stem}.lora_down.weight"), text_encoder=False)
+            if path in ldm:
+                resolved[stem] = UNET + path
+        else:
+            path = _converted_module(_convert_text_encoder_lora_key(f"{stem}.lora_down.weight", stem), text_encoder=True)
+            target = te_lookup.get(_strip_text_model(path) if text_model_optional else path)
+            if target:
+                resolved[stem] = TEXT_ENCODER + target
+    return ModelNames(frozenset(ldm), ldm, frozenset(te), resolved, text_model_optional)
+
+
+def _cached_names(kind: str, build) -> ModelNames:
+    """ModelNames from a JSON cache keyed by the diffusers/transformers versions, else `build()` and cache.
+
+    Building needs diffusers and transformers imported (seconds); `lora-offset inspect` should not
+    pay that on every call. A cache that cannot be written is simply skipped.
+    """
+    from importlib.metadata import version
+
+    from lora_offset.fileio import atomic_write_text
+
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-offset"
+    cache = cache_root / f"{kind}-names-v1-diffusers{version('diffusers')}-transformers{version('transformers')}.json"
+    try:
+        return ModelNames.from_json(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError):
+        pass
+    names = build()
+    try:
+        atomic_write_text(cache, names.to_json())
+    except OSError:
+        pass
+    return names
 
 
 @functools.lru_cache(maxsize=None)
-def sd15_model_names() -> ModelNames:
+def sd15_model_names(use_cache: bool = True) -> ModelNames:
     """Full-size SD 1.5 names, built on the meta device (no memory, no download)."""
-    from lora_offset.sd15 import build_sd15
+    def build():
+        from lora_offset.sd15 import build_sd15
 
-    return model_names(build_sd15("unet", device="meta"), build_sd15("text_encoder", device="meta"))
+        return model_names(build_sd15("unet", device="meta"), build_sd15("text_encoder", device="meta"))
+
+    return _cached_names("sd15", build) if use_cache else build()
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_model_names() -> ModelNames:
-    """Names of lora_offset.tiny's model (the same module paths as SD 1.5, narrow widths)."""
+    """Names of lora_offset.tiny's model (SD 1.5's module paths, less one conv_shortcut; narrow widths)."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -548,11 +611,10 @@ def match_diffusers(keys: Iterable[str], names: ModelNames) -> LoaderResult:
     """
     keys = list(keys)
     unet_paths = names.unet
-    te_paths = {_strip_text_model(t): t for t in names.text_encoder}
+    optional = names.text_model_optional
+    te_paths = {(_strip_text_model(t) if optional else t): t for t in names.text_encoder}
     result = LoaderResult("diffusers")
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
-        from diffusers.loaders.lora_conversion_utils import _convert_text_encoder_lora_key, _convert_unet_lora_key
-
         groups = _group(keys, _first_dot)
         unmatched = []
         for module, suffixes in groups.items():
@@ -564,16 +626,9 @@ def match_diffusers(keys: Iterable[str], names: ModelNames) -> LoaderResult:
             extra = set(suffixes) - {"lora_down.weight", "lora_up.weight", "alpha"}
             if extra:
                 return _rejected("diffusers", keys, f"{module} has {sorted(extra)}: diffusers raises 'keys have not been correctly renamed'")
-            down_key = suffixes["lora_down.weight"]
-            if module.startswith("lora_unet_"):
-                path = _converted_module(_convert_unet_lora_key(down_key), text_encoder=False)
-                target = UNET + path if path in unet_paths else None
-            elif module.startswith("lora_te2_"):
-                target = None  # an SD 1.x pipeline has no text_encoder_2: dropped
-            else:
-                path = _converted_module(_convert_text_encoder_lora_key(down_key, module), text_encoder=True)
-                t = te_paths.get(_strip_text_model(path))
-                target = TEXT_ENCODER + t if t else None
+            # names.diffusers_kohya was computed with diffusers' own converters; lora_te2_ (an SD 1.x
+            # pipeline has no text_encoder_2) is never in it.
+            target = names.diffusers_kohya.get(module)
             if target is None:
                 unmatched.extend(suffixes.values())
                 continue
@@ -603,8 +658,9 @@ def match_diffusers(keys: Iterable[str], names: ModelNames) -> LoaderResult:
                 path = _converted_module(key[len(prefix):], text_encoder=kind == TEXT_ENCODER)
                 if kind == UNET and path in unet_paths:
                     target = UNET + path
-                elif kind == TEXT_ENCODER and _strip_text_model(path) in te_paths:
-                    target = TEXT_ENCODER + te_paths[_strip_text_model(path)]
+                elif kind == TEXT_ENCODER:
+                    t = te_paths.get(_strip_text_model(path) if optional else path)
+                    target = TEXT_ENCODER + t if t else None
                 break
         if target is None:
             ignored.append(key)
@@ -614,6 +670,79 @@ def match_diffusers(keys: Iterable[str], names: ModelNames) -> LoaderResult:
     if ignored:
         result.reason = f"{len(ignored)} keys are outside 'unet.'/'text_encoder.' or name no module: dropped silently"
     return result
+
+
+# ----------------------------------------------------------------------------- reading any SD 1.x LoRA key
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """One key of an SD 1.x LoRA file, whatever its naming.
+
+    component: "unet" or "text_encoder"; module: diffusers path (UNet) or "text_model." path (CLIP);
+    role: "down" (lora_down / lora_A), "up" (lora_up / lora_B), "alpha", or the raw suffix otherwise;
+    style: "kohya", "kohya-ldm" (lora_unet_ + LDM path), "kohya-te1", "kohya-no-text_model",
+    "diffusers" (dotted unet./text_encoder.), "peft" (base_model.model.) or "dotted" (no prefix).
+    """
+
+    component: str
+    module: str
+    role: str
+    style: str
+
+
+_ROLE_SUFFIXES = (  # (suffix, role); longest spellings first
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".alpha", "alpha"),
+)
+
+
+def _flat_index(unet_ldm: Mapping[str, str], text_encoder: Iterable[str]) -> dict[str, tuple[str, str, str]]:
+    index: dict[str, tuple[str, str, str]] = {}
+    for d, ldm in unet_ldm.items():
+        index[f"lora_unet_{_flat(ldm)}"] = ("unet", d, "kohya-ldm")
+    for d in unet_ldm:
+        index[f"lora_unet_{_flat(d)}"] = ("unet", d, "kohya")
+    for t in text_encoder:
+        index[f"lora_te_{_flat(_strip_text_model(t))}"] = ("text_encoder", t, "kohya-no-text_model")
+        index[f"lora_te1_{_flat(t)}"] = ("text_encoder", t, "kohya-te1")
+        index[f"lora_te_{_flat(t)}"] = ("text_encoder", t, "kohya")
+    return index
+
+
+def parse_key(key: str, names: ModelNames) -> ParsedKey | None:
+    """Which module of `names` a LoRA key belongs to, and as what; None if it names no SD 1.x module."""
+    if key.startswith(("lora_unet_", "lora_te")):  # kohya: module = text before the first "."
+        stem, _, rest = key.partition(".")
+        role = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up",
+                "lora_B.weight": "up", "alpha": "alpha"}.get(rest, rest)
+        hit = names.flat_index.get(stem)
+        return ParsedKey(hit[0], hit[1], role, hit[2]) if hit else None
+    role, stem = None, key
+    for suffix, r in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            role, stem = r, key[: -len(suffix)]
+            break
+    if role is None:
+        return None
+    for prefix, style in (("unet.", "diffusers"), ("text_encoder.", "diffusers"), ("base_model.model.", "peft"), ("", "dotted")):
+        if not stem.startswith(prefix):
+            continue
+        path = stem[len(prefix):]
+        if prefix != "text_encoder.":
+            unet_path = _converted_module(path + ".lora_A.weight", text_encoder=False)
+            if unet_path in names.unet:
+                return ParsedKey("unet", unet_path, role, style)
+        if prefix != "unet.":
+            te_path = _converted_module(path + ".lora_A.weight", text_encoder=True)
+            te = {_strip_text_model(t): t for t in names.text_encoder}.get(_strip_text_model(te_path))
+            if te:
+                return ParsedKey("text_encoder", te, role, style)
+        return None
+    return None
 
 
 # ----------------------------------------------------------------------------- all loaders

@@ -328,3 +328,36 @@ def test_diffusers_oracle_agrees_with_real_load_lora_weights(tiny_model_dir):
     oracle = loaders.match_diffusers(mixed.keys(), loaders.tiny_model_names())
     assert oracle.ignored_keys == sorted(kohya_part)
     assert _lora_modules_after_real_load(tiny_model_dir, mixed) == oracle.applied_modules
+
+
+def test_cached_sd15_names_equal_a_fresh_build(tmp_path, monkeypatch):
+    fresh = loaders.sd15_model_names(use_cache=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = loaders._cached_names("sd15", lambda: fresh)  # writes the cache
+    assert list(tmp_path.rglob("sd15-names-*.json"))
+    cached = loaders._cached_names("sd15", lambda: pytest.fail("the cache was not read"))
+    for names in (built, cached, loaders.sd15_model_names()):
+        assert names.to_json() == fresh.to_json()
+    # diffusers' kohya converter resolves every diffusers-style UNet name and both CLIP spellings.
+    assert sum(v.startswith("unet.") for v in fresh.diffusers_kohya.values()) >= 391 - 1
+    assert fresh.diffusers_kohya["lora_te_text_model_encoder_layers_0_mlp_fc1"] == "text_encoder.text_model.encoder.layers.0.mlp.fc1"
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", ("unet", "down_blocks.0.attentions.0.proj_in", "down", "kohya")),
+    ("lora_unet_input_blocks_1_1_proj_in.alpha", ("unet", "down_blocks.0.attentions.0.proj_in", "alpha", "kohya-ldm")),
+    ("lora_te1_text_model_encoder_layers_3_mlp_fc2.lora_up.weight", ("text_encoder", "text_model.encoder.layers.3.mlp.fc2", "up", "kohya-te1")),
+    ("lora_te_encoder_layers_3_mlp_fc2.alpha", ("text_encoder", "text_model.encoder.layers.3.mlp.fc2", "alpha", "kohya-no-text_model")),
+    ("unet.up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0.lora_B.weight",
+     ("unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0", "up", "diffusers")),
+    ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight",
+     ("unet", "mid_block.attentions.0.transformer_blocks.0.attn1.to_k", "down", "diffusers")),
+    ("text_encoder.encoder.layers.0.self_attn.out_proj.lora_A.weight",
+     ("text_encoder", "text_model.encoder.layers.0.self_attn.out_proj", "down", "diffusers")),
+    ("base_model.model.down_blocks.1.resnets.0.conv1.lora_A.weight", ("unet", "down_blocks.1.resnets.0.conv1", "down", "peft")),
+    ("lora_unet_nothing_here.alpha", None),
+    ("unet.down_blocks.9.resnets.0.conv1.lora_A.weight", None),
+])
+def test_parse_key_reads_every_naming(key, expected):
+    parsed = loaders.parse_key(key, loaders.sd15_model_names())
+    assert (parsed and (parsed.component, parsed.module, parsed.role, parsed.style)) == expected

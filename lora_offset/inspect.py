@@ -1,0 +1,229 @@
+"""`lora-offset inspect FILE [--json]`: what is in an SD 1.x LoRA file and which loaders would use it.
+
+Reads the safetensors header (key names, shapes, dtypes, metadata) and only the tiny `.alpha`
+tensors, without torch, so it is fast on any file (the SD 1.5 module names the loader verdicts
+need come from a cache after the first run: lora_offset.loaders.sd15_model_names). Understands kohya files (`lora_unet_`, `lora_te_`, `lora_te1_`,
+LDM-style names), diffusers/PEFT dotted files (`unet.…lora_A.weight`, `text_encoder.…`,
+`base_model.model.…`) and mixes of them. The loader verdicts come from lora_offset.loaders, resolved
+against full-size SD 1.5 module names.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_offset.errors import UserError
+
+CONV_MARKERS = (".resnets.", ".downsamplers.", ".upsamplers.")  # conv LoRA ("LoCon") modules
+HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+LOADER_TITLES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "comfyui": "ComfyUI", "invokeai": "InvokeAI",
+                 "diffusers": "diffusers"}
+
+
+@dataclass
+class LoraHeader:
+    """The parts of a .safetensors LoRA file that inspect needs (no weight tensors)."""
+
+    path: Path
+    size: int
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    alphas: dict[str, float]  # key -> value of every "*.alpha" tensor
+
+
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+def read_header(path: str | os.PathLike, what: str = "inspect") -> LoraHeader:
+    """Read a LoRA file's safetensors header and its alpha scalars; UserError naming the file otherwise.
+
+    Parses the format directly (8-byte little-endian header length, JSON header, then the data
+    section) so that neither torch nor the weights are loaded, and checks every tensor's byte range
+    lies inside the file, which catches truncated downloads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: {path}: no such file")
+    size = path.stat().st_size
+    bad = f"{what}: {path} is not a readable .safetensors file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{bad} (only {size} bytes)")
+            n = struct.unpack("<Q", head)[0]
+            if n > min(size - 8, 100 * 2**20):
+                raise UserError(f"{bad} (header length {n} does not fit the {size}-byte file): not safetensors, or truncated")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            metadata = header.pop("__metadata__", None) or {}
+            data_size = size - 8 - n
+            shapes, dtypes, alphas = {}, {}, {}
+            for key, info in header.items():
+                start, end = info["data_offsets"]
+                if end > data_size:
+                    raise UserError(f"{bad}: tensor {key} ends at byte {end} of a {data_size}-byte data section; "
+                                    "the file is truncated: download or copy it again")
+                shapes[key] = tuple(int(d) for d in info["shape"])
+                dtypes[key] = str(info["dtype"])
+                if key.endswith(".alpha") and end > start:
+                    f.seek(8 + n + start)
+                    alphas[key] = _scalar(f.read(end - start), dtypes[key])
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise UserError(f"{bad} ({type(e).__name__}: {e})") from None
+    if not shapes:
+        raise UserError(f"{what}: {path} holds no tensors: not a LoRA file")
+    return LoraHeader(path, size, {str(k): str(v) for k, v in metadata.items()}, shapes, dtypes, alphas)
+
+
+def _scalar(data: bytes, dtype: str) -> float:
+    """First element of a little-endian tensor buffer as a float."""
+    if dtype == "BF16":  # the top half of an IEEE float32
+        return struct.unpack("<f", b"\x00\x00" + data[:2])[0]
+    fmt = _SCALAR_FORMATS.get(dtype)
+    if fmt is None:
+        raise ValueError(f"alpha stored as unsupported dtype {dtype}")
+    return float(struct.unpack_from(fmt, data)[0])
+
+
+def _counts(values) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(collections.Counter(values).items(), key=lambda kv: (-kv[1], str(kv[0])))}
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else round(float(x), 6)
+
+
+def summarize(header: LoraHeader, names=None) -> dict:
+    """Everything `inspect` reports, as a JSON-ready dict."""
+    from lora_offset import loaders
+
+    names = names or loaders.sd15_model_names()
+    parsed = {key: loaders.parse_key(key, names) for key in header.shapes}
+    unknown = sorted(k for k, p in parsed.items() if p is None)
+    modules: dict[tuple[str, str], dict[str, str]] = {}
+    for key, p in parsed.items():
+        if p is not None:
+            modules.setdefault((p.component, p.module), {})[p.role] = key
+
+    ranks, alphas, scales = [], [], []
+    for (component, module), roles in modules.items():
+        rank = header.shapes[roles["down"]][0] if "down" in roles else None
+        alpha = header.alphas.get(roles.get("alpha", ""))
+        ranks.append(rank if rank is not None else "?")
+        alphas.append(_number(alpha) if alpha is not None else "none")
+        if rank:
+            scales.append(_number(alpha / rank) if alpha is not None else "1 (no alpha)")
+
+    meta_shown = {k: v for k, v in header.metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_"))}
+    adapter_meta = header.metadata.get("lora_adapter_metadata")
+    results = loaders.match_all(list(header.shapes), names)
+    results["invokeai"] = loaders.match_invokeai(list(header.shapes), names, shapes=header.shapes)
+    total = len(modules)
+    return {
+        "file": str(header.path),
+        "size_bytes": header.size,
+        "dtypes": _counts(header.dtypes.values()),
+        "key_count": len(header.shapes),
+        "key_styles": _counts(p.style for p in parsed.values() if p is not None),
+        "modules": {
+            "unet": sum(c == "unet" for c, _ in modules),
+            "text_encoder": sum(c == "text_encoder" for c, _ in modules),
+            "conv": sum(c == "unet" and any(m in f".{p}." for m in CONV_MARKERS) for c, p in modules),
+            "total": total,
+        },
+        "unrecognized_keys": unknown,
+        "ranks": _counts(ranks),
+        "alphas": _counts(alphas),
+        "scales": _counts(scales),
+        "hashes": {k: header.metadata[k] for k in HASH_KEYS if k in header.metadata},
+        "metadata": dict(sorted(meta_shown.items())),
+        "other_metadata_keys": sorted(set(header.metadata) - set(meta_shown)),
+        "lora_adapter_metadata": json.loads(adapter_meta) if adapter_meta else None,
+        "loaders": {
+            name: {
+                "applied_modules": len(r.applied_modules),
+                "of_modules": total,
+                "rejected": r.whole_lora_rejected,
+                "ignored_keys": r.ignored_keys,
+                "missing_alpha": len(r.missing_alpha),
+                "ok": r.ok and len(r.applied_modules) == total,
+                "reason": r.reason,
+            }
+            for name, r in results.items()
+        },
+    }
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return ", ".join(f"{value} ({n})" for value, n in counts.items()) or "-"
+
+
+def format_text(s: dict, max_keys: int = 5) -> str:
+    m = s["modules"]
+    lines = [
+        f"file        {s['file']}  ({_human_size(s['size_bytes'])}, {_pairs(s['dtypes'])})",
+        f"keys        {s['key_count']}: {_pairs(s['key_styles'])}",
+        f"modules     {m['unet']} UNet ({m['conv']} conv) + {m['text_encoder']} text encoder = {m['total']}",
+        f"rank        {_pairs(s['ranks'])}",
+        f"alpha       {_pairs(s['alphas'])}",
+        f"scale       {_pairs(s['scales'])}   (alpha / rank; every loader uses 1.0 where alpha is missing)",
+        "hashes      " + (", ".join(f"{k}={v}" for k, v in s["hashes"].items()) or "none"),
+    ]
+    if s["unrecognized_keys"]:
+        shown = ", ".join(s["unrecognized_keys"][:max_keys])
+        more = len(s["unrecognized_keys"]) - max_keys
+        lines.append(f"unknown     {len(s['unrecognized_keys'])} keys name no SD 1.x module: {shown}"
+                     + (f" (+{more} more)" if more > 0 else ""))
+    lines.append("metadata" + ("" if s["metadata"] else "    none (A1111 lists such a LoRA as 'Unknown' version)"))
+    for key, value in s["metadata"].items():
+        value = value if len(value) <= 100 else value[:97] + "..."
+        lines.append(f"  {key:<28} {value}")
+    if s["lora_adapter_metadata"]:
+        lines.append("  lora_adapter_metadata        " + ", ".join(sorted(s["lora_adapter_metadata"])[:8]))
+    lines.append("loaders")
+    for name, r in s["loaders"].items():
+        title = LOADER_TITLES.get(name, name)
+        if r["rejected"]:
+            verdict = f"REJECTED: {r['reason']}"
+        else:
+            verdict = f"{r['applied_modules']}/{r['of_modules']} modules applied"
+            if r["ignored_keys"]:
+                verdict += f", {len(r['ignored_keys'])} keys ignored"
+            if r["missing_alpha"]:
+                verdict += f", {r['missing_alpha']} without alpha (scale 1.0)"
+            verdict += "  ok" if r["ok"] else ""
+        lines.append(f"  {title:<14} {verdict}")
+        if r["ignored_keys"] and not r["rejected"]:
+            shown = ", ".join(r["ignored_keys"][:max_keys])
+            more = len(r["ignored_keys"]) - max_keys
+            lines.append(f"  {'':<14}   ignored: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("file", metavar="FILE", help="LoRA .safetensors file (kohya, diffusers or PEFT naming)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args) -> int:
+    summary = summarize(read_header(args.file))
+    print(json.dumps(summary, indent=2) if args.json else format_text(summary))
+    return 0
