@@ -4,7 +4,7 @@ Everything here is the recipe `scripts/train_demo_base.py` runs once (its output
 lora_offset/assets/demo_base.safetensors) and `lora-offset demo` expands into a diffusers folder:
 
 - UNet: diffusers UNet2DConditionModel with SD 1.5's block types, layers_per_block=2 and module
-  names, at widths (64, 64, 64, 64) instead of (320, 640, 1280, 1280); epsilon prediction on SD's
+  names, at widths (32, 64, 128, 128) instead of (320, 640, 1280, 1280); epsilon prediction on SD's
   training schedule (scaled_linear 0.00085-0.012, 1,000 steps), like SD 1.5.
 - VAE: AutoencoderKL with SD's factor-8 downsampling (4 blocks) at narrow widths, trained first on
   the same synthetic images; its scaling_factor is set from the data (1 / std of the latents), as
@@ -38,7 +38,9 @@ CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance ha
 UNET_CONFIG = {
     **tiny.TINY_UNET_CONFIG,
     "sample_size": IMAGE_SIZE // 8,
-    "block_out_channels": [64, 64, 64, 64],
+    # SD 1.5's (320, 640, 1280, 1280) / 10: the channel count changes where SD's does, so the
+    # conv_shortcut modules (and so every module name) are SD 1.5's.
+    "block_out_channels": [32, 64, 128, 128],
     "attention_head_dim": 8,
 }
 
@@ -148,7 +150,8 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Ten
 
 def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
                batch_size: int = 16, lr: float = 1e-3, warmup: int = 50, ema_decay: float = 0.995,
-               caption_dropout: float = CAPTION_DROPOUT, seed: int = 0, log_every: int = 50, log=print):
+               caption_dropout: float = CAPTION_DROPOUT, seed: int = 0, log_every: int = 50, log=print,
+               on_checkpoint=None, checkpoint_every: int = 0):
     """Epsilon-prediction pretraining on SD's schedule from scaled latents; returns (EMA UNet, losses).
 
     cond/uncond are the (77, width) text embeddings of BASE_CAPTION and of "".
@@ -189,6 +192,8 @@ def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log(f"unet step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} lr {lr_sched.get_last_lr()[0]:.2e}")
+        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            on_checkpoint(ema, step + 1, losses)
     unet.eval()
     return ema, losses
 

@@ -28,7 +28,9 @@ from lora_offset import demo_base as db  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--vae-steps", type=int, default=400, help="VAE steps on 64x64 crops (batch 16)")
+    p.add_argument("--vae-full-steps", type=int, default=500, help="then VAE steps on whole 128x128 images (batch 8)")
+    p.add_argument("--vae-init", default=None, help="start from these VAE weights (torch state dict) and skip the crop stage")
     p.add_argument("--vae-images", type=int, default=2000)
     p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--unet-images", type=int, default=4000)
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(db.ASSETS_DIR / db.WEIGHTS_NAME))
     p.add_argument("--work", default=None, help="folder for intermediate files (trained VAE)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="also write --out every N UNet steps (EMA weights)")
     args = p.parse_args(argv)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     record = {"settings": vars(args), "timings_s": {}, "torch": torch.__version__}
@@ -53,7 +56,14 @@ def main(argv=None) -> int:
     else:
         t0 = time.perf_counter()
         images = db.base_images(args.vae_images, seed=args.seed + 1)
-        losses = db.train_vae(c["vae"], images, steps=args.vae_steps, seed=args.seed, log=log)
+        if args.vae_init:
+            c["vae"].load_state_dict(torch.load(args.vae_init, weights_only=True))
+            log(f"VAE starts from {args.vae_init}; crop stage skipped")
+        else:
+            db.train_vae(c["vae"], images, steps=args.vae_steps, crop=64, seed=args.seed, log=log)
+        # Whole images: the crop stage alone leaves washed-out colours and dark frames at the borders.
+        losses = db.train_vae(c["vae"], images, steps=args.vae_full_steps, batch_size=8, crop=db.IMAGE_SIZE,
+                              seed=args.seed + 1, log=log)
         record["timings_s"]["vae"] = round(time.perf_counter() - t0, 1)
         record["vae_final_loss"] = round(float(sum(losses[-50:]) / len(losses[-50:])), 5)
         if vae_file is not None:
@@ -77,8 +87,16 @@ def main(argv=None) -> int:
 
     cond = db.encode_prompts(c["tokenizer"], c["text_encoder"], [db.BASE_CAPTION, ""])
     t0 = time.perf_counter()
+
+    def checkpoint(ema, step, losses):
+        partial = dict(record, unet_steps_done=step, timings_s=dict(record["timings_s"], unet=round(time.perf_counter() - t0, 1)))
+        db.save_weights({**c, "unet": ema}, args.out, partial)
+        log(f"checkpoint at step {step} -> {args.out}")
+
     ema, losses = db.train_unet(c["unet"], latents, cond[0], cond[1], steps=args.unet_steps,
-                                batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log)
+                                batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
+                                on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+    record["unet_steps_done"] = args.unet_steps
     record["timings_s"]["unet"] = round(time.perf_counter() - t0, 1)
     record["unet_final_loss"] = round(float(sum(losses[-100:]) / len(losses[-100:])), 5)
     c["unet"] = ema
