@@ -337,12 +337,12 @@ def default_config_dir() -> Path:
 
 
 def load_single_file(path: str | Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None,
-                     tokenizer_dir: str | Path | None = None, torch_dtype: torch.dtype | None = torch.float32) -> dict:
+                     tokenizer: str | Path | None = None, torch_dtype: torch.dtype | None = torch.float32) -> dict:
     """Load an SD 1.x LDM checkpoint as diffusers components {unet, vae, text_encoder, tokenizer, scheduler}.
 
     `config_dir` is a diffusers-layout folder with unet/, vae/, text_encoder/ and scheduler/
-    configs (default: SD 1.5's, shipped with the package). The tokenizer comes from
-    `tokenizer_dir` (config `model.tokenizer`), else `config_dir/tokenizer`, else the local
+    configs (default: SD 1.5's, shipped with the package). The tokenizer comes from the folder
+    `tokenizer` (config `model.tokenizer`), else `config_dir/tokenizer`, else the local
     Hugging Face cache of openai/clip-vit-large-patch14.
     Nothing is downloaded. Weights are converted with diffusers' own single-file converters.
     `torch_dtype` casts floating tensors (None keeps the file's dtypes).
@@ -381,32 +381,62 @@ def load_single_file(path: str | Path, *, allow_pickle: bool = False, config_dir
         "text_encoder": (text_encoder, text_state),
     }
     for name, (model, weights) in converted.items():
-        expected = model.state_dict()
-        weights = {k: v for k, v in weights.items() if k in expected}  # e.g. position_ids: a buffer here
-        missing = sorted(k for k in expected if k not in weights and _is_parameter(model, k))
-        if missing:
-            raise UserError(f"{path}: {name} weights missing for {len(missing)} tensors, e.g. {missing[:3]}; "
-                            f"is the file complete, and does it match the configs in {config_dir}?")
-        for k, v in weights.items():
-            if tuple(v.shape) != tuple(expected[k].shape):
-                raise UserError(f"{path}: {name} tensor {k} has shape {tuple(v.shape)} but the config in "
-                                f"{config_dir / name} needs {tuple(expected[k].shape)}; pass the matching model config folder")
-        if torch_dtype is not None:
-            weights = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        model.load_state_dict(weights, strict=False, assign=True)
-        model.eval()
+        _load_converted(model, weights, path, name, config_dir, torch_dtype)
 
     return {
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
-        "tokenizer": load_tokenizer(config_dir, tokenizer_dir),
+        "tokenizer": load_tokenizer(config_dir, tokenizer),
         "scheduler": load_scheduler(config_dir),
     }
 
 
-def _is_parameter(model: torch.nn.Module, key: str) -> bool:
-    return key in dict(model.named_parameters()) or key in dict(model.named_buffers())
+def load_single_file_vae(path: str | Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None,
+                         torch_dtype: torch.dtype | None = torch.float32):
+    """An AutoencoderKL from a single VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors).
+
+    Accepts LDM keys bare (`encoder.down.0...`) or prefixed (`first_stage_model.`, `vae.`, as in
+    a full checkpoint) and diffusers keys (`encoder.down_blocks.0...`). The architecture comes
+    from `config_dir/vae` (default SD 1.5's).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = Path(path)
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    if not (config_dir / "vae").is_dir():
+        raise UserError(f"{config_dir}: model config folder has no vae/ subfolder (expected a diffusers-layout folder)")
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    config = AutoencoderKL.load_config(config_dir / "vae")
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+        weights = state  # already diffusers names
+    else:
+        weights = convert_ldm_vae_checkpoint(state, config)
+    _load_converted(vae, weights, path, "vae", config_dir, torch_dtype)
+    return vae
+
+
+def _load_converted(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], path: Path, name: str,
+                    config_dir: Path, torch_dtype: torch.dtype | None) -> None:
+    """Load converted weights into a model built on the meta device; UserError if they do not fit."""
+    expected = model.state_dict()
+    weights = {k: v for k, v in weights.items() if k in expected}  # e.g. position_ids: a non-persistent buffer here
+    missing = sorted(k for k in expected if k not in weights)
+    if missing:
+        raise UserError(f"{path}: {name} weights missing for {len(missing)} tensors, e.g. {missing[:3]}; "
+                        f"is the file complete, and does it match the configs in {config_dir}?")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise UserError(f"{path}: {name} tensor {k} has shape {tuple(v.shape)} but the config in "
+                            f"{config_dir / name} needs {tuple(expected[k].shape)}; pass the matching model config folder")
+    if torch_dtype is not None:
+        weights = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.eval()
 
 
 def load_tokenizer(config_dir: str | Path, tokenizer_dir: str | Path | None = None):

@@ -184,7 +184,7 @@ def test_missing_tokenizer_names_the_config_key(tiny_model_dir, tiny_ldm_file, t
     shutil.copytree(tiny_model_dir, config_dir, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
     with pytest.raises(UserError, match=r'model\.tokenizer = "<folder>"'):
         checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir)
-    components = checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer_dir=tiny_model_dir / "tokenizer")
+    components = checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer=tiny_model_dir / "tokenizer")
     assert components["tokenizer"].model_max_length == 77
 
 
@@ -261,3 +261,24 @@ def test_metadata_is_written(tiny_model_dir, tmp_path):
                                           metadata={"note": json.dumps({"x": 1})})
     assert checkpoint.read_metadata(path) == {"format": "pt", "note": '{"x": 1}'}
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left nothing behind
+
+
+def test_load_single_file_vae_accepts_ldm_and_diffusers_keys(tiny_model_dir, tiny_ldm_file, tmp_path):
+    from diffusers import AutoencoderKL
+
+    original = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae").state_dict()
+    full = load_file(str(tiny_ldm_file))
+    bare = tmp_path / "vae.safetensors"  # how stand-alone VAE files (vae-ft-mse-...) are keyed
+    save_file({k.removeprefix("first_stage_model."): v for k, v in full.items() if k.startswith("first_stage_model.")}, str(bare))
+    diffusers_file = tmp_path / "vae-diffusers.safetensors"
+    save_file(original, str(diffusers_file))
+    for source in (tiny_ldm_file, bare, diffusers_file):
+        vae = checkpoint.load_single_file_vae(source, config_dir=tiny_model_dir)
+        loaded = vae.state_dict()
+        assert set(loaded) == set(original) and all(torch.equal(loaded[k], original[k]) for k in original), source
+    with pytest.raises(UserError, match=r"vae\.safetensors: vae .*(config|configs in) .*sd15"):
+        checkpoint.load_single_file_vae(bare)  # SD 1.5's full-size VAE config
+    lora = tmp_path / "not-a-vae.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2)}, str(lora))
+    with pytest.raises(UserError, match="not-a-vae.safetensors: vae weights missing"):
+        checkpoint.load_single_file_vae(lora, config_dir=tiny_model_dir)
