@@ -177,15 +177,26 @@ def test_config_that_does_not_match_the_file_is_a_user_error(tiny_ldm_file):
         checkpoint.load_single_file(tiny_ldm_file)  # SD 1.5's full-size configs
 
 
-def test_missing_tokenizer_names_the_config_key(tiny_model_dir, tiny_ldm_file, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
-    config_dir = tmp_path / "configs"
+def test_tokenizer_comes_from_the_option_the_config_dir_or_the_local_cache(tiny_model_dir, tiny_ldm_file, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    config_dir = tmp_path / "configs"  # configs only: no tokenizer/, no weights
     shutil.copytree(tiny_model_dir, config_dir, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
     with pytest.raises(UserError, match=r'model\.tokenizer = "<folder>"'):
         checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir)
+    with pytest.raises(UserError, match="no vocab.json and merges.txt"):
+        checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer=tmp_path)
     components = checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer=tiny_model_dir / "tokenizer")
-    assert components["tokenizer"].model_max_length == 77
+    assert len(components["tokenizer"]) == 514
+    # A Hugging Face cache entry for openai/clip-vit-large-patch14 (here: the tiny tokenizer's files).
+    repo = cache / "models--openai--clip-vit-large-patch14"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_model_dir / "tokenizer", repo / "snapshots" / ("0" * 40))
+    components = checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir)
+    assert len(components["tokenizer"]) == 514
 
 
 # ---------------------------------------------------------------------------------- families
