@@ -433,7 +433,8 @@ def markdown(report: dict) -> str:
         "",
         f"Device: {env['device']}; torch {env['torch']}, CUDA {env['cuda']}, diffusers {env['diffusers']}, "
         f"transformers {env['transformers']}, accelerate {env['accelerate']}, bitsandbytes {env['bitsandbytes']}.",
-        f"Peak for MFU: {env['peak_tflops']} TFLOP/s ({env['peak_tflops_source']}).",
+        (f"Peak for MFU: {env['peak_tflops']} TFLOP/s ({env['peak_tflops_source']})." if env["peak_tflops"]
+         else "MFU: not reported (no known dense bf16/fp16 peak for this device)."),
         f"Command: `{env['command']}`  ({env['date_utc']})",
         "",
         "| profile | peak alloc GB | peak reserved GB | it/s | images/s | TFLOP/step | MFU | settings |",
@@ -454,7 +455,8 @@ def markdown(report: dict) -> str:
             f"{_fmt(r['flops_per_step'], '.3g', 1e-12)} | {_fmt(r['mfu'], '.1%')} | {settings} |")
     lines += ["", "Ratios against naive:", ""]
     for pair, values in report["ratios"].items():
-        lines.append(f"- {pair}: " + ", ".join(f"{k} {_fmt(v, '.2f')}x" for k, v in values.items()))
+        lines.append(f"- {pair}: " + ", ".join(f"{k} {'n/a' if v is None else format(v, '.2f') + 'x'}"
+                                               for k, v in values.items()))
     lines += ["", "Targets (issue #7, for H100/H200):", ""]
     for target, ok in report["targets"].items():
         lines.append(f"- {target}: {'not measured' if ok is None else ('met' if ok else 'NOT met')}")

@@ -181,3 +181,26 @@ def test_script_runs_as_ci_calls_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     assert list(report["profiles"]) == ["naive"] and report["profiles"]["naive"]["it_per_s"] > 0
+
+
+def load_memory_estimate():
+    spec = importlib.util.spec_from_file_location("memory_estimate", SCRIPT.parent / "memory_estimate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_memory_estimate_consumer_and_naive():
+    est = load_memory_estimate()
+    consumer, naive = est.estimate("consumer"), est.estimate("naive")
+    assert consumer["UNet weights (fp16)"] == pytest.approx(859_520_964 * 2 / 1e9)
+    assert consumer["LoRA weights (fp32)"] == pytest.approx(13_565_952 * 4 / 1e9)  # rank 32, 192 modules
+    assert consumer["total"] == pytest.approx(sum(v for k, v in consumer.items() if k != "total"))
+    ckpt = consumer["UNet activations, checkpointed (saved)"] + consumer["UNet activations, largest block recomputed"]
+    full = naive["UNet activations, no checkpointing (saved)"]
+    # fp32 without checkpointing keeps far more than fp16 with it; both are real, non-trivial amounts
+    assert 0.02 < ckpt < full / 4 and 0.5 < full < 8
+    assert consumer["total"] < 0.4 * naive["total"]
+    with pytest.raises(ValueError, match="consumer"):
+        est.estimate("throughput")
