@@ -293,3 +293,15 @@ def test_load_single_file_vae_accepts_ldm_and_diffusers_keys(tiny_model_dir, tin
     save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2)}, str(lora))
     with pytest.raises(UserError, match="not-a-vae.safetensors: vae weights missing"):
         checkpoint.load_single_file_vae(lora, config_dir=tiny_model_dir)
+
+
+def test_old_text_encoder_layout_without_text_model_level_loads(tiny_model_dir, tiny_ldm_file, tmp_path):
+    """Some early SD 1.x files name CLIP `cond_stage_model.transformer.encoder...` (A1111 renames on load)."""
+    state = load_file(str(tiny_ldm_file))
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in state.items()}
+    assert "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight" in old
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path))
+    original = load_folder_components(tiny_model_dir)["text_encoder"].state_dict()
+    loaded = checkpoint.load_single_file(path, config_dir=tiny_model_dir)["text_encoder"].state_dict()
+    assert set(loaded) == set(original) and all(torch.equal(loaded[k], original[k]) for k in original)

@@ -308,3 +308,16 @@ def test_merges_what_the_exporter_writes(tiny_model_dir, base_file, tmp_path):
     expected_hidden, expected_noise = model_outputs(unet.eval(), text_encoder.eval())
     torch.testing.assert_close(hidden, expected_hidden, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(noise, expected_noise, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_keeps_the_base_files_own_names(base_file, adapted, tmp_path):
+    """A file with the early CLIP layout (no `text_model.` level) is merged under its own names."""
+    state = load_file(str(base_file))
+    rename = lambda k: k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")  # noqa: E731
+    old_base = tmp_path / "old.safetensors"
+    save_file({rename(k): v for k, v in state.items()}, str(old_base))
+    merge.merge_checkpoint(old_base, lora_arguments(adapted), tmp_path / "old-merged.safetensors")
+    merge.merge_checkpoint(base_file, lora_arguments(adapted), tmp_path / "merged.safetensors")
+    got, expected = load_file(str(tmp_path / "old-merged.safetensors")), load_file(str(tmp_path / "merged.safetensors"))
+    assert set(got) == {rename(k) for k in expected}
+    assert all(torch.equal(got[rename(k)], v) for k, v in expected.items())
