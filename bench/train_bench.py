@@ -445,7 +445,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | error: {r['error']} | | | | | | |")
             continue
         s = r["settings"]
-        settings = (f"batch {s['batch_size']}, {s['resolution']}px, rank {s['rank']}, {s['mixed_precision']}, "
+        settings = (f"batch {s['batch_size']}, {s['resolution']}px, rank {s['rank']}, {s['mixed_precision']} "
+                    f"({s['weight_dtype']} weights), "
                     f"{s['optimizer']}, ckpt {s['gradient_checkpointing']}, latent cache {s['cache_latents']}, "
                     f"text cache {s['text_embedding_cache']}, compile {s['torch_compile']}, "
                     f"channels_last {s['channels_last']}, tf32 {s['allow_tf32']}, {'/'.join(s['attention'])}")
