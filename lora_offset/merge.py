@@ -174,6 +174,11 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS.get(precision) if precision else None
+    # Output checks before any large file is read.
+    if base.is_dir() and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists; choose a new --out folder or remove it")
+    if not base.is_dir() and out.suffix.lower() != ".safetensors":
+        raise UserError(f"{out}: a single-file base is written as one .safetensors file; end --out in .safetensors")
 
     parsed = []
     record = []
@@ -188,9 +193,8 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
         if model_hash:
             entry["sshs_model_hash"] = model_hash
         record.append(entry)
-    metadata = {"lora_offset.merge_precision": precision or "base"}
-
-    metadata[METADATA_KEY] = record  # a list: _output_metadata appends it to the base's own record
+    # METADATA_KEY holds a list here: _output_metadata appends it to the base's own record.
+    metadata = {"lora_offset.merge_precision": precision or "base", METADATA_KEY: record}
     if base.is_dir():
         return _merge_diffusers_folder(base, parsed, out, dtype, metadata)
     return _merge_single_file(base, parsed, out, dtype, metadata, allow_pickle)
@@ -216,8 +220,6 @@ def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict, allo
 
     from lora_offset.fileio import atomic_write
 
-    if out.suffix.lower() != ".safetensors":
-        raise UserError(f"{out}: a single-file base is written as one .safetensors file; end --out in .safetensors")
     state = checkpoint.read_state_dict(base, allow_pickle=allow_pickle)
     checkpoint.require_sd1(state, base)
     config_dir = checkpoint.default_config_dir()
@@ -242,8 +244,6 @@ def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict)
         if not path.is_file():
             raise UserError(f"{base}: diffusers folder has no {path.relative_to(base)} "
                             "(merging needs unsharded .safetensors weights for the UNet and text encoder)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists; choose a new --out folder or remove it")
     states = {}
     for component, path in files.items():
         try:
