@@ -635,6 +635,22 @@ def match_diffusers(keys: Iterable[str], names: ModelNames) -> LoaderResult:
             result.applied_modules.add(target)
             if "alpha" not in suffixes:
                 result.missing_alpha.append(target)
+        # diffusers/utils/state_dict_utils.py `convert_state_dict_to_diffusers` guesses the format of the
+        # converted text-encoder dict from a "to_out_lora" key, i.e. an out_proj LoRA. Without one, a dict
+        # that also has MLP keys ("lora_linear_layer") is taken as already converted, and the q/k/v keys
+        # ("to_q_lora") stay unrenamed and are dropped silently; with attention keys only it raises
+        # "Could not automatically infer state dict type".
+        te_modules = {m for m in result.applied_modules if m.startswith(TEXT_ENCODER)}
+        if te_modules and not any(m.endswith(".out_proj") for m in te_modules):
+            qkv = {m for m in te_modules if re.search(r"\.self_attn\.[qkv]_proj$", m)}
+            if qkv and qkv == te_modules:
+                return _rejected("diffusers", keys, "text-encoder attention LoRA without out_proj: diffusers "
+                                 "raises 'Could not automatically infer state dict type'")
+            if qkv:
+                result.applied_modules -= qkv
+                dropped = [k for k in keys if names.diffusers_kohya.get(_first_dot(k)[0]) in qkv]
+                unmatched.extend(dropped)
+                result.missing_alpha = [m for m in result.missing_alpha if m not in qkv]
         for kind, prefixes in ((UNET, ("lora_unet_",)), (TEXT_ENCODER, ("lora_te_", "lora_te1_"))):
             has_keys = any(k.startswith(prefixes) for k in keys)
             if has_keys and not any(m.startswith(kind) for m in result.applied_modules):
@@ -643,7 +659,8 @@ def match_diffusers(keys: Iterable[str], names: ModelNames) -> LoaderResult:
                                  "PEFT finds no target modules and raises")
         result.ignored_keys = sorted(unmatched)
         if unmatched:
-            result.reason = f"{len(unmatched)} keys name modules this model lacks: they are dropped"
+            result.reason = (f"{len(unmatched)} keys dropped (modules this model lacks, or text-encoder q/k/v "
+                             "without out_proj)")
         result.missing_alpha.sort()
         return result
 

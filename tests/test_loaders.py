@@ -252,9 +252,9 @@ def test_forge_tolerates_up_to_12_unmatched_keys(sd15_attention_te):
 
 def test_lora_te1_prefix_and_ldm_style_names():
     names = loaders.sd15_model_names()
-    te1 = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
-           "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
-           "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"}
+    # q_proj and out_proj: diffusers needs an out_proj key to read text-encoder keys (see the quirk test).
+    te1 = {f"lora_te1_text_model_encoder_layers_0_self_attn_{m}.{s}" for m in ("q_proj", "out_proj")
+           for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     ldm = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight", "lora_unet_input_blocks_1_1_proj_in.lora_up.weight",
            "lora_unet_input_blocks_1_1_proj_in.alpha",
            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
@@ -361,3 +361,22 @@ def test_cached_sd15_names_equal_a_fresh_build(tmp_path, monkeypatch):
 def test_parse_key_reads_every_naming(key, expected):
     parsed = loaders.parse_key(key, loaders.sd15_model_names())
     assert (parsed and (parsed.component, parsed.module, parsed.role, parsed.style)) == expected
+
+
+def test_diffusers_drops_text_encoder_qkv_without_out_proj(tiny_model_dir):
+    """diffusers guesses the text-encoder key format from an out_proj LoRA; the oracle knows, and agrees."""
+    variant = "unet+te"
+    sd = exported_state_dict(lora_components(variant), variant)
+    partial = {k: v for k, v in sd.items() if not re.search(r"lora_te_.*_self_attn_out_proj\.", k)}
+    oracle = loaders.match_diffusers(partial.keys(), loaders.tiny_model_names())
+    qkv = [m for m in expected_modules([], lora_module_names(lora_components(variant)["text_encoder"]))
+           if re.search(r"[qkv]_proj$", m)]
+    assert len(qkv) == 36 and not (set(qkv) & oracle.applied_modules) and len(oracle.ignored_keys) == 3 * 36
+    assert _lora_modules_after_real_load(tiny_model_dir, partial) == oracle.applied_modules
+    # Attention keys only, no MLP: diffusers cannot tell the format and raises.
+    attention_only = {k: v for k, v in partial.items() if "_mlp_" not in k}
+    assert loaders.match_diffusers(attention_only.keys(), loaders.tiny_model_names()).whole_lora_rejected
+    with pytest.raises(ValueError, match="infer state dict type"):
+        _lora_modules_after_real_load(tiny_model_dir, attention_only)
+    # The kohya loaders have no such quirk.
+    assert loaders.match_a1111(attention_only.keys(), loaders.tiny_model_names()).ok
