@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -371,8 +372,11 @@ def environment(tiny: bool, argv: list[str]) -> dict:
     except Exception:  # bitsandbytes is only needed by adamw8bit; report, don't fail
         bnb_version = None
     cuda = torch.cuda.is_available() and not tiny
-    name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                      f"{os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+    if cuda:
+        name = torch.cuda.get_device_name()
+    else:
+        name = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+                f"{torch.get_num_threads()} torch threads)")
     peak = peak_tflops(name) if cuda else None
     return {
         "device": name,
@@ -533,9 +537,11 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=out) as work:
                 results[name] = run_profile(name, tiny=args.tiny, image_dir=image_dir, work_dir=Path(work),
                                             resolution=args.resolution, warmup=args.warmup, steps=args.steps)
-        except torch.cuda.OutOfMemoryError as e:
+        except Exception as e:  # one profile failing (say, out of memory) must not lose the others' numbers
+            traceback.print_exc()
             _release()
-            results[name] = {"profile": name, "error": f"CUDA out of memory: {str(e).splitlines()[0]}"}
+            first_line = (str(e).splitlines() or [""])[0]
+            results[name] = {"profile": name, "error": f"{type(e).__name__}: {first_line}"}
         print(f"{name}: " + json.dumps({k: results[name].get(k) for k in
                                         ("it_per_s", "images_per_s", "peak_allocated_gb", "mfu", "error")
                                         if k in results[name]}), flush=True)

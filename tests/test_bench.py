@@ -204,3 +204,21 @@ def test_memory_estimate_consumer_and_naive():
     assert consumer["total"] < 0.4 * naive["total"]
     with pytest.raises(ValueError, match="consumer"):
         est.estimate("throughput")
+
+
+def test_a_failing_profile_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    real = bench.run_profile
+
+    def flaky(name, **kwargs):
+        if name == "consumer":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(bench, "run_profile", flaky)
+    code = bench.main(["--tiny", "--out", str(tmp_path), "--profiles", "consumer,naive", "--warmup", "1", "--steps", "1"])
+    assert code == 1
+    report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert report["profiles"]["consumer"]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert report["profiles"]["naive"]["it_per_s"] > 0
+    assert report["ratios"] == {}
+    assert "| consumer | error: RuntimeError" in (tmp_path / "bench.md").read_text(encoding="utf-8")
