@@ -44,14 +44,14 @@ def load_base_model(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     source = model_cfg.pretrained
     path = Path(source).expanduser()
     if path.is_dir():
-        base = _load_diffusers_folder(path, dtype, local_only=True)
+        base = _load_diffusers_folder(path, dtype, local_only=True, allow_pickle=model_cfg.allow_pickle)
     elif path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"model.pretrained = {source!r} is a {path.suffix or 'suffix-less'} file; expected a "
                             "diffusers folder or an SD 1.x checkpoint (.safetensors, or .ckpt with model.allow_pickle)")
         base = _load_single_file(path, model_cfg, dtype)
     elif HUB_ID.match(source) and not source.lower().endswith(SINGLE_FILE_SUFFIXES):
-        base = _load_diffusers_folder(source, dtype, local_only=False)
+        base = _load_diffusers_folder(source, dtype, local_only=False, allow_pickle=model_cfg.allow_pickle)
     else:
         raise UserError(f"model.pretrained = {source!r} does not exist: give a diffusers folder, an SD 1.x "
                         ".safetensors file, or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
@@ -74,18 +74,20 @@ def check_diffusers_folder(path: Path) -> None:
             raise UserError(f"base model folder '{path}' is missing its {name} component ({expected} not found)")
 
 
-def _load_diffusers_folder(source: str | Path, dtype: torch.dtype, local_only: bool) -> BaseModel:
+def _load_diffusers_folder(source: str | Path, dtype: torch.dtype, local_only: bool, allow_pickle: bool) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if local_only:
         check_diffusers_folder(Path(source))
     kwargs = {"local_files_only": local_only}
+    # Without the opt-in, .bin (pickle) weights are never read: safetensors or an error.
+    weights = {} if allow_pickle else {"use_safetensors": True}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs, **weights)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs, **weights)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs, **weights)
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kwargs))
     except (OSError, ValueError, EnvironmentError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

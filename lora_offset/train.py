@@ -30,6 +30,7 @@ from lora_offset.fileio import atomic_path
 
 log = logging.getLogger("lora_offset")
 
+OPTIMIZER_CLASSES = {"adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit", "adamw": "torch.optim.adamw.AdamW"}
 STATE_DIR = "state"
 STATE_PREFIX = "state-"
 KEEP_STATES = 2
@@ -54,7 +55,11 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         mixed_precision = "no"
     output_dir = Path(t.output_dir)
     logging_dir = Path(t.logging_dir) if t.logging_dir else output_dir / "logs"
+    # On a machine without CUDA, processes started by `accelerate launch --multi_gpu` (torchrun) must be
+    # told they are CPU processes, or accelerate treats each one as a separate single-process run.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_processes,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with="tensorboard",
@@ -90,7 +95,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     # Prior preservation: generate the class images that are missing, with the untouched base model.
     if generate_class_images(config, base, device):
         dataset = data.build_dataset(global_batch_cfg, seed=t.seed)
-    data.check_caption_lengths(dataset.caption_set() or [], tokenizer)
+    data.check_caption_lengths(dataset.captions, tokenizer)
 
     # ---- LoRA (fp32 weights) ----------------------------------------------------------------
     from accelerate.utils import set_seed
@@ -116,7 +121,9 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     scaling_factor = vae.config.scaling_factor
     if t.cache_latents:
         cache_dir = output_dir / "latent_cache" if t.cache_latents_to_disk else None
-        dataset.cache_latents(lambda px: encode_images(vae, px, weight_dtype), cache_dir=cache_dir)
+        # encoder_id: a disk cache made with another base model or VAE is never reused.
+        dataset.cache_latents(lambda px: encode_images(vae, px, weight_dtype), cache_dir=cache_dir,
+                              encoder_id=f"{config.model.pretrained}|{config.model.vae}|{weight_dtype}")
         vae.to("cpu")
     text_cache = None
     if not net.train_text_encoder and dataset.caption_set() is not None:
@@ -460,8 +467,8 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         resolution=config.dataset.resolution,
         learning_rate=t.learning_rate,
         text_encoder_lr=t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate,
-        optimizer=t.optimizer,
-        num_train_images=dataset.num_instance_images,
+        optimizer=OPTIMIZER_CLASSES[t.optimizer],
+        num_train_images=dataset.num_train_items,
         num_reg_images=dataset.num_reg_images,
         tag_frequency=dataset.tag_frequency,
         noise={**dataclasses.asdict(z), "prediction_type": config.model.prediction_type},
