@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_offset.errors import UserError
+from lora_offset.loaders import LOADER_TITLES
 
 CONV_MARKERS = (".resnets.", ".downsamplers.", ".upsamplers.")  # conv LoRA ("LoCon") modules
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-LOADER_TITLES = {"a1111": "AUTOMATIC1111", "forge": "Forge", "comfyui": "ComfyUI", "invokeai": "InvokeAI",
-                 "diffusers": "diffusers"}
 
 
 @dataclass
@@ -200,7 +199,7 @@ def format_text(s: dict, max_keys: int = 5) -> str:
         lines.append("  lora_adapter_metadata        " + ", ".join(sorted(s["lora_adapter_metadata"])[:8]))
     lines.append("loaders")
     for name, r in s["loaders"].items():
-        title = LOADER_TITLES.get(name, name)
+        title = LOADER_TITLES.get(name, name).split()[0]
         if r["rejected"]:
             verdict = f"REJECTED: {r['reason']}"
         else:

@@ -22,6 +22,7 @@ names; here such keys count as not understood.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -263,7 +264,9 @@ def _cached_names(kind: str, build) -> ModelNames:
     from lora_offset.fileio import atomic_write_text
 
     cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-offset"
-    cache = cache_root / f"{kind}-names-v1-diffusers{version('diffusers')}-transformers{version('transformers')}.json"
+    # Keyed by this file's own contents too, so a change to the derivation never meets a stale cache.
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    cache = cache_root / f"{kind}-names-{code}-diffusers{version('diffusers')}-transformers{version('transformers')}.json"
     try:
         return ModelNames.from_json(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError):
@@ -370,10 +373,11 @@ def match_a1111(keys: Iterable[str], names: ModelNames) -> LoaderResult:
     failed: list[str] = []
     for key in keys:
         module, suffix = _first_dot(key)
-        target = mapping.get(a1111_convert_name(module))
-        if target is None and (xm := re_x_proj.match(a1111_convert_name(module))):
-            target = mapping.get(xm.group(1))  # SD 2 MultiheadAttention; a container in SD 1.x
-            target = None if target is None else target
+        converted = a1111_convert_name(module)
+        target = mapping.get(converted)
+        if target is None and (xm := re_x_proj.match(converted)):
+            # meant for SD 2's MultiheadAttention; for SD 1.x it can only hit a module without a weight
+            target = mapping.get(xm.group(1))
         if target is None and "lora_unet" in module:
             target = mapping.get(module.replace("lora_unet", "diffusion_model"))
         elif target is None and "lora_te1_text_model" in module:
@@ -528,7 +532,8 @@ def match_invokeai(keys: Iterable[str], names: ModelNames, shapes: Mapping[str, 
     3. Patch (patches/layer_patcher.py `apply_smart_model_patch` with prefix "lora_unet_" for the UNet and
        "lora_te_" for the text encoder): other layers are skipped silently; a layer whose flattened
        name resolves to no submodule raises at generation time. Missing alpha: scale 1.0 (lora_layer.py).
-    The text encoder is transformers 4.x CLIPTextModel (module paths with `text_model.`).
+    Assumes InvokeAI's CLIPTextModel has the `text_model.` level (transformers 4.x; unverified for an
+    InvokeAI on transformers 5, where `lora_te_text_model_...` would no longer resolve).
     """
     keys = list(keys)
     probe = None

@@ -109,11 +109,14 @@ def test_ldm_map_pins_sd1_upsampler_and_block_positions():
 
 def test_a1111_regexes_agree_with_diffusers_converter_for_every_sd15_module():
     names = loaders.sd15_model_names()
+    no_rule = set()
     for d, ldm in names.unet_ldm.items():
         converted = loaders.a1111_convert_name(kohya_name("lora_unet", d))
-        if d.startswith(("conv_norm_out", "time_embedding", "conv_in", "conv_out")) and converted.startswith("lora_unet"):
-            continue  # A1111 has no rule for conv_norm_out; it falls back to nothing
+        if converted.startswith("lora_unet"):
+            no_rule.add(d)
+            continue
         assert converted == "diffusion_model_" + ldm.replace(".", "_"), d
+    assert no_rule == {"conv_norm_out"}  # a GroupNorm no LoRA targets
 
 
 def test_tiny_names_equal_sd15_names():
