@@ -56,7 +56,7 @@ def load_base_model(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
         raise UserError(f"model.pretrained = {source!r} does not exist: give a diffusers folder, an SD 1.x "
                         ".safetensors file, or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
     if model_cfg.vae:
-        base.vae = _load_vae(model_cfg.vae, dtype)
+        base.vae = _load_vae(model_cfg, dtype)
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False)
         module.eval()
@@ -109,9 +109,10 @@ def _load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> BaseModel:
                      dict(parts["scheduler"].config))
 
 
-def _load_vae(source: str, dtype: torch.dtype):
+def _load_vae(model_cfg, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
+    source = model_cfg.vae
     path = Path(source)
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
@@ -121,7 +122,8 @@ def _load_vae(source: str, dtype: torch.dtype):
     if path.is_file():
         from lora_offset import checkpoint
 
-        return checkpoint.load_single_file_vae(path).to(dtype)
+        return checkpoint.load_single_file_vae(path, allow_pickle=model_cfg.allow_pickle,
+                                               config_dir=model_cfg.config_dir).to(dtype)
     raise UserError(f"model.vae = {source!r} does not exist")
 
 

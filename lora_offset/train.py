@@ -580,5 +580,6 @@ def run(args) -> int:
     except TrainingInterrupted as e:
         log.warning("%s", e)
         return 130
-    print(f"saved {path}")
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, only the main process reports
+        print(f"saved {path}")
     return 0
