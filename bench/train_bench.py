@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # CI's shared cores: one thread is fastest for tiny models
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    image_dir = out / "data" / f"images-{args.resolution}"
+    image_dir = out / "data" / f"images-{args.resolution}px-{args.images}"
     if args.child_result is None and not image_dir.is_dir():
         make_image_folder(image_dir, args.images, args.resolution)
 
