@@ -114,14 +114,27 @@ def summarize(header: LoraHeader, names=None) -> dict:
         if p is not None:
             modules.setdefault((p.component, p.module), {})[p.role] = key
 
+    from lora_offset.convert import adapter_configs, peft_scale
+
+    configs = adapter_configs(header.metadata, None)  # diffusers' lora_adapter_metadata, if any
     ranks, alphas, scales = [], [], []
     for (component, module), roles in modules.items():
         rank = header.shapes[roles["down"]][0] if "down" in roles else None
         alpha = header.alphas.get(roles.get("alpha", ""))
         ranks.append(rank if rank is not None else "?")
-        alphas.append(_number(alpha) if alpha is not None else "none")
-        if rank:
-            scales.append(_number(alpha / rank) if alpha is not None else "1 (no alpha)")
+        if alpha is not None:
+            alphas.append(_number(alpha))
+            scales.append(_number(alpha / rank) if rank else "?")
+        elif rank and configs.get(component):
+            try:  # dotted diffusers files keep alpha in the adapter metadata, not in keys
+                scale = peft_scale(configs[component], [module, module.removeprefix("text_model.")], rank, module)
+                alphas.append(f"{_number(scale * rank)} (adapter metadata)")
+                scales.append(_number(scale))
+            except UserError:
+                alphas.append("? (adapter metadata disagrees with the weights)")
+        else:
+            alphas.append("none")
+            scales.append("1 (no alpha)")
 
     meta_shown = {k: v for k, v in header.metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_"))}
     adapter_meta = header.metadata.get("lora_adapter_metadata")
@@ -214,6 +227,10 @@ def format_text(s: dict, max_keys: int = 5) -> str:
             shown = ", ".join(r["ignored_keys"][:max_keys])
             more = len(r["ignored_keys"]) - max_keys
             lines.append(f"  {'':<14}   ignored: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+    kohya_loaders_unhappy = any(not s["loaders"][n]["ok"] for n in ("a1111", "forge", "comfyui"))
+    if kohya_loaders_unhappy and set(s["key_styles"]) - {"kohya"}:
+        lines.append(f"hint        lora-offset convert {s['file']} OUT.safetensors  writes the plain kohya "
+                     "naming every loader reads, at the same scale")
     return "\n".join(lines)
 
 

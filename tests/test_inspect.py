@@ -125,3 +125,19 @@ def test_inspect_bad_files_are_user_errors(capsys, exported, tmp_path, content):
     assert "Traceback" not in captured.err
     if content == "truncated":
         assert "truncated" in captured.err
+
+
+def test_inspect_reads_alpha_from_diffusers_adapter_metadata(capsys, tmp_path):
+    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {}, "unet.alpha_pattern": {"proj_out": 2}}
+    tensors = {}
+    for block in ("proj_in", "proj_out"):
+        tensors[f"unet.down_blocks.0.attentions.0.{block}.lora_A.weight"] = torch.ones(4, 320, 1, 1)
+        tensors[f"unet.down_blocks.0.attentions.0.{block}.lora_B.weight"] = torch.ones(320, 4, 1, 1)
+    path = tmp_path / "meta.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    s = inspect_json(capsys, path)
+    assert s["alphas"] == {"2 (adapter metadata)": 1, "8 (adapter metadata)": 1}
+    assert s["scales"] == {"0.5": 1, "2": 1}
+    assert s["lora_adapter_metadata"]["unet.lora_alpha"] == 8
+    assert main(["inspect", str(path)]) == 0
+    assert "lora-offset convert" in capsys.readouterr().out  # the hint for files the web UIs cannot read
