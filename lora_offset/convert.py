@@ -36,23 +36,31 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 
 
+def resolve_weights(path: str | Path, what: str) -> tuple[Path, dict | None]:
+    """(weights file, PEFT adapter_config or None) for a LoRA file or a PEFT adapter folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PEFT_WEIGHTS
+    config = None
+    config_path = path.with_name(PEFT_CONFIG)
+    if path.name == PEFT_WEIGHTS and config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{what}: {config_path} is not valid JSON ({e}): fix or remove it") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{what}: {config_path} is not a PEFT adapter config (a JSON object)")
+    return path, config
+
+
 def read_input(path: str | Path) -> tuple[dict, dict[str, str], dict | None, Path]:
     """(tensors, safetensors metadata, PEFT adapter_config or None, weights file) of IN."""
     import safetensors.torch
 
     from lora_offset.inspect import read_header
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / PEFT_WEIGHTS
+    path, config = resolve_weights(path, "convert")
     header = read_header(path, what="convert")  # UserError for a missing, foreign or truncated file
-    config = None
-    config_path = path.with_name(PEFT_CONFIG)
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"convert: {config_path} is not valid JSON ({e}): fix or remove it") from None
     return safetensors.torch.load_file(str(path)), header.metadata, config, path
 
 
@@ -86,6 +94,8 @@ def peft_scale(config: dict, module_names: list[str], rank: int, where: str) -> 
     """The scaling PEFT gives a module under `config` (lora/layer.py update_layer)."""
     if config.get("use_dora"):
         raise UserError(f"convert: {where} is a DoRA adapter (use_dora); DoRA cannot be written as a kohya LoRA")
+    if config.get("lora_bias"):
+        raise UserError(f"convert: {where} has a LoRA bias (lora_bias); kohya LoRA files cannot hold it")
     r = int(_pattern_value(config.get("rank_pattern"), module_names, config.get("r", 8)))
     alpha = float(_pattern_value(config.get("alpha_pattern"), module_names, config.get("lora_alpha", 8)))
     if r != rank:
@@ -105,6 +115,8 @@ def convert_state_dict(tensors: dict, metadata: dict[str, str], peft_config: dic
     modules: dict[tuple[str, str], dict] = {}
     styles = collections.Counter()
     for key, tensor in tensors.items():
+        if key.endswith((".lora_A.bias", ".lora_B.bias")):
+            raise UserError(f"convert: {source}: {key!r} is a LoRA bias, which kohya LoRA files cannot hold")
         if "magnitude_vector" in key or key.endswith(".dora_scale"):
             raise UserError(f"convert: {source}: {key!r} is a DoRA magnitude; DoRA cannot be written as a kohya LoRA")
         parsed = loaders.parse_key(key, names)

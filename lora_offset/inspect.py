@@ -102,8 +102,8 @@ def _number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else round(float(x), 6)
 
 
-def summarize(header: LoraHeader, names=None) -> dict:
-    """Everything `inspect` reports, as a JSON-ready dict."""
+def summarize(header: LoraHeader, names=None, peft_config: dict | None = None) -> dict:
+    """Everything `inspect` reports, as a JSON-ready dict (`peft_config`: a PEFT folder's adapter_config)."""
     from lora_offset import loaders
 
     names = names or loaders.sd15_model_names()
@@ -116,7 +116,7 @@ def summarize(header: LoraHeader, names=None) -> dict:
 
     from lora_offset.convert import adapter_configs, peft_scale
 
-    configs = adapter_configs(header.metadata, None)  # diffusers' lora_adapter_metadata, if any
+    configs = adapter_configs(header.metadata, peft_config)  # diffusers' lora_adapter_metadata / PEFT config
     ranks, alphas, scales = [], [], []
     for (component, module), roles in modules.items():
         rank = header.shapes[roles["down"]][0] if "down" in roles else None
@@ -128,7 +128,7 @@ def summarize(header: LoraHeader, names=None) -> dict:
         elif rank and configs.get(component):
             try:  # dotted diffusers files keep alpha in the adapter metadata, not in keys
                 scale = peft_scale(configs[component], [module, module.removeprefix("text_model.")], rank, module)
-                alphas.append(f"{_number(scale * rank)} (adapter metadata)")
+                alphas.append(f"{_number(scale * rank)} (adapter config)")
                 scales.append(_number(scale))
             except UserError:
                 alphas.append("? (adapter metadata disagrees with the weights)")
@@ -235,11 +235,15 @@ def format_text(s: dict, max_keys: int = 5) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("file", metavar="FILE", help="LoRA .safetensors file (kohya, diffusers or PEFT naming)")
+    parser.add_argument("file", metavar="FILE", help="LoRA .safetensors file (kohya, diffusers or PEFT naming), "
+                        "or a PEFT adapter folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def run(args) -> int:
-    summary = summarize(read_header(args.file))
+    from lora_offset.convert import resolve_weights
+
+    path, peft_config = resolve_weights(args.file, "inspect")
+    summary = summarize(read_header(path), peft_config=peft_config)
     print(json.dumps(summary, indent=2) if args.json else format_text(summary))
     return 0

@@ -200,3 +200,13 @@ def test_missing_input_and_bad_output(tmp_path, capsys):
                                 str(src))
     assert main(["convert", str(src), str(src)]) == 2
     assert "is the input file" in capsys.readouterr().err
+
+
+def test_lora_bias_is_refused(tmp_path, capsys):
+    tensors = {"unet.down_blocks.0.attentions.0.proj_out.lora_A.weight": torch.ones(2, 320, 1, 1),
+               "unet.down_blocks.0.attentions.0.proj_out.lora_B.weight": torch.ones(320, 2, 1, 1),
+               "unet.down_blocks.0.attentions.0.proj_out.lora_B.bias": torch.ones(320)}
+    src = tmp_path / "bias.safetensors"
+    safetensors.torch.save_file(tensors, str(src))
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors")]) == 2
+    assert "LoRA bias" in capsys.readouterr().err

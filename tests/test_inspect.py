@@ -136,8 +136,17 @@ def test_inspect_reads_alpha_from_diffusers_adapter_metadata(capsys, tmp_path):
     path = tmp_path / "meta.safetensors"
     safetensors.torch.save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})
     s = inspect_json(capsys, path)
-    assert s["alphas"] == {"2 (adapter metadata)": 1, "8 (adapter metadata)": 1}
+    assert s["alphas"] == {"2 (adapter config)": 1, "8 (adapter config)": 1}
     assert s["scales"] == {"0.5": 1, "2": 1}
     assert s["lora_adapter_metadata"]["unet.lora_alpha"] == 8
     assert main(["inspect", str(path)]) == 0
     assert "lora-offset convert" in capsys.readouterr().out  # the hint for files the web UIs cannot read
+
+    # The same weights as a PEFT adapter folder: alphas come from adapter_config.json.
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    safetensors.torch.save_file({k.replace("unet.", "base_model.model.", 1): v for k, v in tensors.items()},
+                                str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({k[5:]: v for k, v in meta.items()}))
+    s = inspect_json(capsys, folder)
+    assert s["key_styles"] == {"peft": 4} and s["scales"] == {"0.5": 1, "2": 1}
