@@ -356,7 +356,7 @@ def _a1111_layer_mapping(names: ModelNames) -> dict[str, str]:
 
 
 def match_a1111(keys: Iterable[str], names: ModelNames) -> LoaderResult:
-    """AUTOMATIC1111 1.10, extensions-builtin/Lora/networks.py `load_network`.
+    """AUTOMATIC1111 1.10 (+ dev branch), extensions-builtin/Lora/networks.py `load_network`.
 
     Module name = text before the first "." (`key.partition(".")`), converted by
     `convert_diffusers_name_to_compvis`, then looked up in the model's flattened module names; fallbacks:
