@@ -84,6 +84,7 @@ class TrainingConfig:
     prior_loss_weight: float = 1.0
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
+    cache_text_embeddings: bool = True  # when the text encoder is frozen and captions are fixed
     logging_dir: Optional[str] = None  # default: {output_dir}/logs
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row
     torch_compile: bool = False  # torch.compile the UNet (GPU throughput; slow first steps)

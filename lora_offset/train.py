@@ -88,9 +88,10 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
                                          prediction_type=config.model.prediction_type)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     num_train_timesteps = scheduler.config.num_train_timesteps
+    # The UNet joins the GPU only after the caches are built and the encoders have left: the
+    # VAE's encode activations and the UNet's weights are never there at the same time.
     vae.to(device)
     text_encoder.to(device)
-    unet.to(device)
 
     # Prior preservation: generate the class images that are missing, with the untouched base model.
     if generate_class_images(config, base, device):
@@ -114,8 +115,6 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
-    if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
 
     # ---- caches: latents and (frozen encoder) text embeddings, then move the encoders off the GPU
     scaling_factor = vae.config.scaling_factor
@@ -126,9 +125,13 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
                               encoder_id=f"{config.model.pretrained}|{config.model.vae}|{weight_dtype}")
         vae.to("cpu")
     text_cache = None
-    if not net.train_text_encoder and dataset.caption_set() is not None:
-        text_cache = {c: encode_prompts(tokenizer, text_encoder, [c])[0].cpu() for c in dataset.caption_set()}
+    if t.cache_text_embeddings and not net.train_text_encoder and dataset.caption_set() is not None:
+        with torch.no_grad():
+            text_cache = {c: encode_prompts(tokenizer, text_encoder, [c])[0].cpu() for c in dataset.caption_set()}
         text_encoder.to("cpu")
+    unet.to(device)
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
 
     # ---- optimizer and learning-rate schedule -----------------------------------------------
     groups = [{"params": unet_params, "lr": t.learning_rate}]
@@ -311,6 +314,8 @@ def generate_class_images(config: Config, base, device) -> bool:
         return False
     from lora_offset import sample
 
+    unet_device = base.unet.device
+    base.unet.to(device)
     pipe = sample.build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler_config,
                                  prediction_type="epsilon")
     size = config.dataset.resolution
@@ -324,6 +329,7 @@ def generate_class_images(config: Config, base, device) -> bool:
         for seed, image in zip(seeds, images):
             with atomic_path(folder / f"class-{seed}.png") as tmp:
                 image.save(tmp, format="PNG")
+    base.unet.to(unet_device)
     return True
 
 
