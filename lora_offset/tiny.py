@@ -1,7 +1,8 @@
 """Tiny Stable Diffusion 1.x-topology models, built in code: no download, no weights on disk.
 
-The UNet has SD 1.5's block types, layers_per_block=2 and attention layout, so every module name
-(and so every LoRA key, LDM key and merge) matches SD 1.5 exactly; only the widths are narrow.
+The UNet has SD 1.5's block types, layers_per_block=2 and attention layout, so every LoRA target's
+name (and so every LoRA key, LDM key and merge) matches SD 1.5; only the widths are narrow. One
+non-target module differs: with widths 64 -> 64, down_blocks.2.resnets.0 needs no conv_shortcut.
 The text encoder has CLIP ViT-L/14's 12 layers at width 32, so the text encoder has the same 72
 LoRA target modules as SD 1.5. The tokenizer is character-level over CLIP's byte alphabet.
 Used by the tests and by anyone who wants to try the trainer offline on a CPU.

@@ -64,7 +64,7 @@ def test_tiny_profiles_run_the_settings_they_name(tiny_report):
     assert c["settings"]["optimizer"] == "adamw8bit" and n["settings"]["optimizer"] == "adamw"
     assert t["settings"]["weight_dtype"] == "bfloat16" and n["settings"]["weight_dtype"] == "float32"
     assert t["settings"]["torch_compile"] is False and any("torch_compile" in x for x in t["notes"])
-    assert n["settings"]["text_embedding_cache"] is False and n["settings"]["cache_latents"] is False
+    assert n["settings"]["cache_text_embeddings"] is False and n["settings"]["cache_latents"] is False
     assert all(r["settings"]["attention"] == ["AttnProcessor2_0"] for r in (c, t, n))  # SDPA
     # The FLOP counts show the settings took effect: per image, the plain UNet step (throughput, batch 8)
     # costs less than a checkpointed one (forward recomputed) and than one that runs the VAE and text encoder.
