@@ -75,7 +75,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     seed: int = 42
     save_every_steps: int = 0  # 0 = save the adapter only at the end
-    save_state_every_steps: int = 0  # resumable training state; 0 = same as save_every_steps
+    save_state_every_steps: int = 100  # resumable training state (the last 2 kept); 0 = never
     sample_every_steps: int = 0  # 0 = no sample images
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 20

@@ -249,8 +249,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             accelerator.wait_for_everyone()
             if is_main:
                 write_samples(config, accelerator, base, unet, text_encoder, step, device)
-        save_state_every = t.save_state_every_steps or t.save_every_steps
-        if stop.requested or (save_state_every and step % save_state_every == 0 and step < t.max_steps):
+        if stop.requested or (t.save_state_every_steps and step % t.save_state_every_steps == 0 and step < t.max_steps):
             accelerator.wait_for_everyone()
             if is_main:
                 save_state(output_dir, step, started_at, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator)
@@ -524,7 +523,7 @@ def find_resume_state(resume: str, output_dir: Path) -> Path:
         states = sorted(folder.glob(f"{STATE_PREFIX}*.pt"))
         if not states:
             raise UserError(f"--resume {resume}: no saved training state in {folder} "
-                            f"(states are written every training.save_state_every_steps / save_every_steps steps)")
+                            f"(states are written every training.save_state_every_steps steps)")
         return states[-1]
     if candidates.is_file():
         return candidates

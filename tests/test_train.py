@@ -100,7 +100,7 @@ def test_exported_file_loads_in_diffusers_and_matches_the_trained_adapter(tmp_pa
     from lora_offset.tiny import build_tiny_components
 
     config = write_config(tmp_path, tiny_model_dir, images, network={"train_text_encoder": True, "rank": 4, "alpha": 3.0},
-                          training={"max_steps": 3, "save_every_steps": 2})
+                          training={"max_steps": 3, "save_every_steps": 2, "save_state_every_steps": 2})
     assert main(["train", "--config", str(config)]) == 0
     out = tmp_path / "out"
     state = torch.load(sorted((out / "state").glob("state-*.pt"))[-1], weights_only=True)
