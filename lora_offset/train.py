@@ -117,7 +117,6 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
 
     # ---- caches: latents and (frozen encoder) text embeddings, then move the encoders off the GPU
-    scaling_factor = vae.config.scaling_factor
     if t.cache_latents:
         cache_dir = output_dir / "latent_cache" if t.cache_latents_to_disk else None
         # encoder_id: a disk cache made with another base model or VAE is never reused.
@@ -203,8 +202,9 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
                     noise.per_sample_loss(pred.float(), target.float()), is_reg, t.prior_loss_weight,
                     weights=min_snr(noise_cfg, alphas_cumprod, timesteps, config.model.prediction_type),
                 )
-                if not torch.isfinite(loss):
-                    # Skipping keeps a NaN out of the weights; the optimizer sees no update.
+                if not finite_everywhere(accelerator, loss):
+                    # Skipping keeps a NaN out of the weights; the optimizer sees no update. Every
+                    # process skips together, or the others would wait forever in backward's all-reduce.
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum = float("nan")
                     break
@@ -220,7 +220,10 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
                         accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss_sum):
+        stepped = math.isfinite(loss_sum)
+        if stepped:
+            nonfinite_in_a_row = 0
+        else:  # a skipped step still counts towards max_steps and the schedule
             nonfinite_in_a_row += 1
             skipped_steps += 1
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step + 1, nonfinite_in_a_row)
@@ -230,19 +233,16 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
                     "Typical cause: training.mixed_precision = \"fp16\" on a GPU without proper fp16 support; "
                     "try \"bf16\" or \"no\", or lower training.learning_rate"
                 )
-            lr_scheduler.step()
-            step += 1
-            progress.update(1)
-            continue
-        nonfinite_in_a_row = 0
         lr_scheduler.step()
         step += 1
+        progress.update(1)
+        if not stepped:
+            continue
         if hooks is not None:
             hooks.on_step_end(step, loss_sum)
 
         # ---- logs, samples, saves (main process writes; everyone waits) --------------------
         lr = lr_scheduler.get_last_lr()[0]
-        progress.update(1)
         progress.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
         accelerator.log({"loss": loss_sum, "lr": lr, "skipped_steps": skipped_steps}, step=step)
         if t.sample_every_steps and step % t.sample_every_steps == 0:
@@ -378,6 +378,14 @@ def dreambooth_loss(per_sample: torch.Tensor, is_reg: torch.Tensor, prior_loss_w
     if is_reg.any():
         loss = loss + prior_loss_weight * per_sample[is_reg].mean()
     return loss
+
+
+def finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """True when the loss is finite in every process (one all-reduce under multi-process training)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
 
 
 def grad_total_norm(params) -> float:
