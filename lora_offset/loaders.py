@@ -10,7 +10,7 @@ encoder's paths. Module ids in results are "unet.<diffusers path>" and
 compare directly.
 
 The diffusers -> LDM module map is derived from diffusers' own single-file converter
-(`convert_ldm_unet_checkpoint`): `derive_unet_ldm_map` inverts its block arithmetic, and
+(`convert_ldm_unet_checkpoint`): `derive_unet_ldm_map` takes checkpoint.py's LDM names, and
 `check_unet_ldm_map` runs the real converter on a fake LDM state dict to prove the inverse. The
 map of each loader (A1111's regexes, ComfyUI's tables) is then checked against it, not against
 itself.
@@ -151,62 +151,17 @@ def _lora_pair(suffixes: Mapping[str, str]) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- model names
 
 def derive_unet_ldm_map(unet_weight_keys: Iterable[str], layers_per_block: int, up_block_types: Iterable[str]) -> dict[str, str]:
-    """diffusers UNet module path -> LDM module path, by inverting diffusers' `convert_ldm_unet_checkpoint`.
+    """diffusers UNet module path -> LDM module path.
 
-    Inverts (diffusers/loaders/single_file_utils.py): the fixed table DIFFUSERS_TO_LDM_MAPPING["unet"],
-    the resnet renames of `update_unet_resnet_ldm_to_diffusers`, and the block arithmetic of
-    `convert_ldm_unet_checkpoint` (input block i = 1 + block*(layers+1) + layer; output block
-    i = block*(layers+1) + layer; middle block 2k for resnet k, 1 for the attention). The converter
-    accepts an upsampler at `output_blocks.N.1.conv` or `.N.2.conv`; real SD 1.x files put it at
-    `.2` when that output block has an attention (`output_blocks.5.2`, `.8.2`) and at `.1` when it
-    has none (`output_blocks.2.1`). `check_unet_ldm_map` proves the result with the real converter.
+    The names come from `checkpoint.propose_ldm_unet_key` (the LDM block layout, checked there
+    against diffusers' own `convert_ldm_unet_checkpoint`); real SD 1.x files put the upsamplers at
+    `output_blocks.2.1`, `.5.2` and `.8.2`. `check_unet_ldm_map` proves the result with the converter.
     """
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+    from lora_offset.checkpoint import propose_ldm_unet_key
 
-    fixed = {d.rsplit(".", 1)[0]: l.rsplit(".", 1)[0] for d, l in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
-    # update_unet_resnet_ldm_to_diffusers renames these LDM resnet parts; run it to get them in its words.
-    resnet_ldm_parts = ["in_layers.0", "in_layers.2", "out_layers.0", "out_layers.3", "emb_layers.1", "skip_connection"]
-    resnet_rename = _diffusers_resnet_renames(resnet_ldm_parts)  # diffusers part -> LDM part
-    per = layers_per_block + 1
-    up_has_attention = ["CrossAttn" in t for t in up_block_types]
-
-    out: dict[str, str] = {}
-    for key in unet_weight_keys:
-        path = key.rsplit(".", 1)[0]
-        if path in fixed:
-            out[path] = fixed[path]
-            continue
-        parts = path.split(".")
-        if parts[0] == "mid_block":  # mid_block.<kind>.<index>.<local>
-            kind, index, local = parts[1], int(parts[2]), parts[3:]
-            head = f"middle_block.{2 * index if kind == 'resnets' else 1}"
-        elif parts[0] in ("down_blocks", "up_blocks"):  # <side>.<block>.<kind>.<index>.<local>
-            block, kind, index, local = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-            if kind == "downsamplers":
-                out[path] = f"input_blocks.{1 + block * per + layers_per_block}.0.op"
-                continue
-            if kind == "upsamplers":
-                slot = 2 if up_has_attention[block] else 1
-                out[path] = f"output_blocks.{block * per + layers_per_block}.{slot}.conv"
-                continue
-            sub = 0 if kind == "resnets" else 1
-            head = (f"input_blocks.{1 + block * per + index}.{sub}" if parts[0] == "down_blocks"
-                    else f"output_blocks.{block * per + index}.{sub}")
-        else:
-            raise ValueError(f"unexpected UNet module {path!r}: not an SD 1.x UNet")
-        local_name = ".".join(local)
-        if kind == "resnets":
-            local_name = resnet_rename.get(local_name, local_name)
-        out[path] = f"{head}.{local_name}"
-    return out
-
-
-def _diffusers_resnet_renames(ldm_parts: list[str]) -> dict[str, str]:
-    from diffusers.loaders.single_file_utils import update_unet_resnet_ldm_to_diffusers
-
-    converted: dict[str, object] = {}
-    update_unet_resnet_ldm_to_diffusers(ldm_parts, converted, {p: p for p in ldm_parts})
-    return {d: l for d, l in converted.items()}
+    with_attention = {i for i, t in enumerate(up_block_types) if "CrossAttn" in t}
+    return {key.rsplit(".", 1)[0]: propose_ldm_unet_key(key, layers_per_block, with_attention).rsplit(".", 1)[0]
+            for key in unet_weight_keys}
 
 
 def check_unet_ldm_map(unet, ldm_map: Mapping[str, str]) -> None:
