@@ -109,7 +109,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if net.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     unet.train()
     text_encoder.train(net.train_text_encoder)
     if torch.cuda.is_available():

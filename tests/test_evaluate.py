@@ -169,6 +169,7 @@ def _lora_unet(model_dir, seed, rank=4, scale=0.3):
     from lora_offset.lora import add_lora, unet_lora_config
 
     unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
+    torch.manual_seed(seed)  # lora_A's init draws from the global RNG: same seed, same file, every run
     add_lora(unet, unet_lora_config(rank, rank))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
