@@ -121,8 +121,11 @@ def build_tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None
     )
     text_encoder = CLIPTextModel(text_config)
     if tokenizer_dir is None:
-        tokenizer_dir = tempfile.mkdtemp(prefix="tiny-tokenizer-")
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tokenizer_dir)))
+        # The tokenizer reads its files into memory: a folder that disappears afterwards is enough.
+        with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as folder:
+            tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder)))
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tokenizer_dir)))
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
