@@ -321,3 +321,25 @@ def test_train_from_a_single_file_ldm_checkpoint(tmp_path, tiny_model_dir, image
     config = write_config(tmp_path, single, images, model={"config_dir": str(tiny_model_dir)}, training={"max_steps": 1})
     assert main(["train", "--config", str(config)]) == 0
     assert len(module_names(tmp_path / "out" / "tiny.safetensors")) == 192
+
+
+def test_v_prediction_zero_terminal_snr_min_snr_and_pyramid_noise_train_and_are_recorded(tmp_path, tiny_model_dir, images):
+    config = write_config(tmp_path, tiny_model_dir, images, model={"prediction_type": "v_prediction"},
+                          noise={"zero_terminal_snr": True, "min_snr_gamma": 5.0, "pyramid_iterations": 3,
+                                 "pyramid_discount": 0.4, "adaptive_offset": 0.05, "offset_random_strength": True,
+                                 "input_perturbation": 0.1},
+                          training={"max_steps": 2, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine",
+                                    "lr_warmup_steps": 1})
+    assert main(["train", "--config", str(config)]) == 0
+    path = tmp_path / "out" / "tiny.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["ss_base_model_version"] == "sd_v1_v"
+    assert meta["ss_zero_terminal_snr"] == "True"
+    assert meta["ss_min_snr_gamma"] == "5.0"
+    assert meta["ss_multires_noise_iterations"] == "3" and meta["ss_multires_noise_discount"] == "0.4"
+    assert meta["ss_ip_noise_gamma"] == "0.1"
+    assert meta["ss_steps"] == "2"
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in tensors.items())
