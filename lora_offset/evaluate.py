@@ -187,7 +187,11 @@ def _load_base(path: str, allow_pickle: bool) -> dict:
     from lora_offset.config import ModelConfig
     from lora_offset.models import load_base_model
 
-    base = load_base_model(ModelConfig(pretrained=str(path), allow_pickle=allow_pickle))
+    import torch
+
+    # Half precision on a GPU (what the web UIs sample with; half the memory), fp32 on a CPU.
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    base = load_base_model(ModelConfig(pretrained=str(path), allow_pickle=allow_pickle), dtype=dtype)
     return {**base.components(), "scheduler_config": dict(base.scheduler_config)}
 
 
