@@ -479,6 +479,7 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         epoch=step // max(1, dataset.steps_per_epoch),
         resolution=config.dataset.resolution,
         learning_rate=t.learning_rate,
+        unet_lr=t.learning_rate,
         text_encoder_lr=t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate,
         optimizer=OPTIMIZER_CLASSES[t.optimizer],
         num_train_images=dataset.num_train_items,
