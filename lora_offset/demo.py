@@ -322,6 +322,8 @@ def render_report(r: dict) -> str:
         f"Goal (offset noise ≤ {g['offset_max']:.2f} while standard noise stays ≥ {g['standard_min']:.2f}): **{verdict}**. "
         f"Standard {c['standard']['mean_luminance']:.3f}, offset {c['offset']['mean_luminance']:.3f} "
         f"(gap {g['gap_standard_minus_offset']:+.3f}), zero terminal SNR {c['ztsnr']['mean_luminance']:.3f}.",
+        "" if g["met"] else (f"At this scale (16×16 latents, {p['max_steps']} LoRA steps) offset noise did not reach "
+                             "the goal; docs/DEMO-NOTES.md records what was tried."),
         "",
         "## The mechanism, measured on the base model",
         "",

@@ -1,6 +1,6 @@
 """Train the demo's base model (lora_offset/demo_base.py) and write lora_offset/assets/demo_base.safetensors.
 
-    python scripts/train_demo_base.py [--vae-steps 400] [--unet-steps 1500] [--out PATH] [--work DIR]
+    python scripts/train_demo_base.py [--vae-steps 400] [--vae-full-steps 500] [--unet-steps 1200] [--out PATH] [--work DIR]
 
 One torch thread (small models on a shared CPU run fastest that way). Stages: synthetic images
 (make_dataset.varied_array, dark to bright) -> VAE -> latents, scaling factor = 1/std -> UNet
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae-full-steps", type=int, default=500, help="then VAE steps on whole 128x128 images (batch 8)")
     p.add_argument("--vae-init", default=None, help="start from these VAE weights (torch state dict) and skip the crop stage")
     p.add_argument("--vae-images", type=int, default=2000)
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=1200)
     p.add_argument("--unet-images", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
