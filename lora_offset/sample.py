@@ -96,8 +96,9 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
-    if height % 8 or width % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    factor = pipe.vae_scale_factor  # 8 for SD 1.x; read from the VAE, not assumed
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
     if guidance_rescale is None:
         guidance_rescale = ZTSNR_GUIDANCE_RESCALE if is_zero_terminal_snr(pipe) else 0.0
     batch_size = max(1, int(batch_size))
@@ -110,7 +111,7 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
             # The initial noise is drawn on the CPU so that a seed means the same image on any device.
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
             latents = torch.stack([
-                torch.randn((vae.config.latent_channels, height // 8, width // 8), generator=g)
+                torch.randn((vae.config.latent_channels, height // factor, width // factor), generator=g)
                 for g in generators
             ]).to(device=device, dtype=pipe.unet.dtype)
             latents = pipe(
