@@ -124,7 +124,7 @@ def write_sd15_shaped_tokenizer(folder: Path) -> Path:
     the benchmark only needs valid token ids for the full-size text encoder's embedding table."""
     from lora_offset.tiny import bytes_to_unicode
 
-    vocab_size, bos, eos = 49408, 49406, 49407
+    vocab_size, bos = 49408, 49406  # <|endoftext|> follows at 49407
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]

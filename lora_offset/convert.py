@@ -157,17 +157,9 @@ def convert_state_dict(tensors: dict, metadata: dict[str, str], peft_config: dic
         prefix = UNET_PREFIX if component == "unet" else TEXT_ENCODER_PREFIX
         scaled.append((kohya_name(prefix, module), down, up, rank, scale))
 
-    alphas = [scale * rank for _, _, _, rank, scale in scaled]
-    file_alpha = collections.Counter(alphas).most_common(1)[0][0]
-    out: dict[str, torch.Tensor] = {}
-    folded = 0
-    for (key, down, up, rank, scale), module_alpha in zip(scaled, alphas):
-        if not math.isclose(module_alpha, file_alpha, rel_tol=1e-9):
-            up = (up.double() * (module_alpha / file_alpha)).float()  # keep this module's own scale
-            folded += 1
-        out[f"{key}.lora_down.weight"] = down.contiguous()
-        out[f"{key}.lora_up.weight"] = up.contiguous()
-        out[f"{key}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
+    from lora_offset.export import uniform_alpha_tensors
+
+    out, file_alpha, folded = uniform_alpha_tensors(scaled)  # each module keeps its own scale
     ranks = collections.Counter(rank for _, _, _, rank, _ in scaled)
     summary = {
         "modules": len(scaled),

@@ -196,8 +196,6 @@ def base_noise_check(components: dict, n: int, steps: int, seed: int, guidance: 
 
 
 def run_demo(out: Path, quick: bool = False, weights: Path | None = None) -> dict:
-    import torch
-
     from lora_offset import demo_base
     from lora_offset.config import Config
     from lora_offset.evaluate import evaluate

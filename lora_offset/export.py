@@ -44,7 +44,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -97,20 +97,34 @@ def kohya_state_dict(unet: torch.nn.Module | None, text_encoder: torch.nn.Module
     if not modules:
         raise UserError("export: the model has no LoRA layers (adapter 'default'): nothing to save")
 
+    state, _, _ = uniform_alpha_tensors(modules)
+    check_finite(state)
+    return state
+
+
+def uniform_alpha_tensors(modules: Sequence[tuple[str, torch.Tensor, torch.Tensor, int, float]]
+                          ) -> tuple[dict[str, torch.Tensor], float, int]:
+    """kohya tensors with ONE alpha for every module: (state dict, that alpha, modules folded).
+
+    `modules` holds (kohya module key, lora_down, lora_up, rank, scale). The file alpha is the
+    most common scale*rank; a module whose own alpha differs gets the ratio folded into its
+    lora_up, so every loader's alpha/r*up@down is still its true delta (see the module docstring).
+    Used by the exporter and by `convert`.
+    """
     file_alpha = _file_alpha([_alpha_value(scale, rank) for _, _, _, rank, scale in modules])
     state: dict[str, torch.Tensor] = {}
+    folded = 0
     for key, down, up, rank, scale in modules:
         module_alpha = scale * rank
         up = up.detach().to("cpu", torch.float32)
         if not math.isclose(module_alpha, file_alpha, rel_tol=1e-9):
-            # Fold the module's own scale into lora_up (see the module docstring). In float64 so
-            # that the fold itself adds no rounding beyond the final float32 one.
+            # In float64 so that the fold adds no rounding beyond the final float32 one.
             up = (up.double() * (module_alpha / file_alpha)).float()
+            folded += 1
         state[f"{key}.lora_down.weight"] = down.detach().to("cpu", torch.float32).clone()
         state[f"{key}.lora_up.weight"] = up.clone()
         state[f"{key}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
-    check_finite(state)
-    return state
+    return state, file_alpha, folded
 
 
 def _lora_modules(prefix: str, model: torch.nn.Module):
