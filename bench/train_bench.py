@@ -122,21 +122,9 @@ def write_sd15_shaped_tokenizer(folder: Path) -> Path:
     """A character-level CLIP tokenizer with CLIP ViT-L/14's vocabulary size (49408) and special-token
     ids (<|startoftext|> 49406, <|endoftext|> 49407): the real BPE files are not available offline, and
     the benchmark only needs valid token ids for the full-size text encoder's embedding table."""
-    from lora_offset.tiny import bytes_to_unicode
+    from lora_offset.tiny import write_tiny_tokenizer
 
-    vocab_size, bos = 49408, 49406  # <|endoftext|> follows at 49407
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    tokens += [f"<|bench-unused-{i}|>" for i in range(bos - len(tokens))]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(tokens) == vocab_size
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-              "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return folder
+    return write_tiny_tokenizer(folder, vocab_size=49408)
 
 
 def build_base(tiny: bool, dtype: torch.dtype, work_dir: Path, seed: int = 0):

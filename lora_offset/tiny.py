@@ -78,12 +78,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_tiny_tokenizer(folder: str | Path) -> Path:
-    """Write a character-level CLIP tokenizer (vocab.json, merges.txt) into `folder`."""
+def write_tiny_tokenizer(folder: str | Path, vocab_size: int | None = None) -> Path:
+    """Write a character-level CLIP tokenizer (vocab.json, merges.txt) into `folder`.
+
+    `vocab_size` (e.g. CLIP ViT-L/14's 49408) pads the vocabulary with unused tokens so that the
+    special tokens get that model's ids (start = vocab_size - 2, end = vocab_size - 1).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars]
+    if vocab_size is not None:
+        tokens += [f"<|unused-{i}|>" for i in range(vocab_size - 2 - len(tokens))]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     config = {
