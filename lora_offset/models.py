@@ -97,7 +97,7 @@ def _load_diffusers_folder(source: str | Path, dtype: torch.dtype, local_only: b
 
 
 def _load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> BaseModel:
-    from lora_offset import checkpoint
+    from lora_offset.formats import checkpoint
 
     parts = checkpoint.load_single_file(
         path, allow_pickle=model_cfg.allow_pickle, config_dir=model_cfg.config_dir, tokenizer=model_cfg.tokenizer
@@ -120,7 +120,7 @@ def _load_vae(model_cfg, dtype: torch.dtype):
             raise UserError(f"model.vae = {source!r}: no config.json in {folder}")
         return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     if path.is_file():
-        from lora_offset import checkpoint
+        from lora_offset.formats import checkpoint
 
         return checkpoint.load_single_file_vae(path, allow_pickle=model_cfg.allow_pickle,
                                                config_dir=model_cfg.config_dir).to(dtype)

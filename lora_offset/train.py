@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from lora_offset import data, export, lora, models, noise
+from lora_offset import data, lora, models, noise
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_path
+from lora_offset.formats import kohya
 
 log = logging.getLogger("lora_offset")
 
@@ -467,8 +468,8 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
     t, net, z = config.training, config.network, config.noise
     unet_model = accelerator.unwrap_model(unet)
     te_model = accelerator.unwrap_model(text_encoder) if net.train_text_encoder else None
-    state = export.kohya_state_dict(unet_model, te_model)
-    metadata = export.ss_metadata(
+    state = kohya.kohya_state_dict(unet_model, te_model)
+    metadata = kohya.ss_metadata(
         output_name=t.output_name,
         network_dim=net.rank,
         network_alpha=net.alpha,
@@ -493,7 +494,7 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         prior_loss_weight=t.prior_loss_weight,
         base_model_name=config.model.pretrained,
     )
-    return export.save_lora(path, state, metadata, precision=t.save_precision)
+    return kohya.save_lora(path, state, metadata, precision=t.save_precision)
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:

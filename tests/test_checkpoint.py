@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_offset import checkpoint
 from lora_offset.errors import UserError
+from lora_offset.formats import checkpoint, ldm
 from lora_offset.sd15 import build_sd15
 
 
@@ -26,13 +26,13 @@ def load_folder_components(folder):
 @pytest.fixture(scope="module")
 def tiny_ldm_file(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("ldm") / "tiny.safetensors"
-    checkpoint.save_ldm_checkpoint(load_folder_components(tiny_model_dir), path)
+    ldm.save_ldm_checkpoint(load_folder_components(tiny_model_dir), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def sd15_map():
-    return checkpoint.ldm_key_map_for({name: build_sd15(name, device="meta") for name in checkpoint.COMPONENTS})
+    return ldm.ldm_key_map_for({name: build_sd15(name, device="meta") for name in ldm.COMPONENTS})
 
 
 def outputs(components, seed=0):
@@ -97,7 +97,7 @@ def test_map_is_one_to_one_and_agrees_with_diffusers_converter(sd15_map):
             if component == "vae" and v.ndim == 2:
                 shape += (1, 1)
             shapes[sd15_map[component][k]] = shape
-    derived = checkpoint.derive_ldm_map(shapes, build_sd15("unet").config, vae_model.config)
+    derived = ldm.derive_ldm_map(shapes, build_sd15("unet").config, vae_model.config)
     assert derived == sd15_map
 
 
@@ -107,15 +107,15 @@ def test_a_wrong_proposal_is_caught_by_the_converter_check(monkeypatch):
     (It cannot catch everything: diffusers also reads an upsampler at output_blocks.N.1 or .2 of
     any layer, hence the pinned SD 1.5 names above.)
     """
-    original = checkpoint.propose_ldm_unet_key
+    original = ldm.propose_ldm_unet_key
 
     def misplaced(key, layers_per_block, with_attention):
         ldm = original(key, layers_per_block, with_attention)
         return ldm.replace("input_blocks.4.1.", "input_blocks.4.2.") if key.startswith("down_blocks.1.attentions.0.") else ldm
 
-    monkeypatch.setattr(checkpoint, "propose_ldm_unet_key", misplaced)
+    monkeypatch.setattr(ldm, "propose_ldm_unet_key", misplaced)
     with pytest.raises(RuntimeError, match="disagrees with diffusers' converter"):
-        checkpoint.ldm_key_map_for({name: build_sd15(name, device="meta") for name in checkpoint.COMPONENTS})
+        ldm.ldm_key_map_for({name: build_sd15(name, device="meta") for name in ldm.COMPONENTS})
 
 
 # ---------------------------------------------------------------------------------- round trip
@@ -127,7 +127,7 @@ def test_tiny_round_trip_through_diffusers_from_single_file(tiny_model_dir, tiny
     original = load_folder_components(tiny_model_dir)
     pipe = StableDiffusionPipeline.from_single_file(str(tiny_ldm_file), config=str(tiny_model_dir), local_files_only=True)
     loaded = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-    for name in checkpoint.COMPONENTS:
+    for name in ldm.COMPONENTS:
         a, b = original[name].state_dict(), loaded[name].state_dict()
         assert set(a) == set(b), name
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -150,7 +150,7 @@ def test_load_single_file_gives_the_same_model(tiny_model_dir, tiny_ldm_file):
     original = load_folder_components(tiny_model_dir)
     components = checkpoint.load_single_file(tiny_ldm_file, config_dir=tiny_model_dir)
     assert set(components) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
-    for name in checkpoint.COMPONENTS:
+    for name in ldm.COMPONENTS:
         a, b = original[name].state_dict(), components[name].state_dict()
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
         assert all(p.device.type == "cpu" for p in components[name].parameters())
@@ -163,7 +163,7 @@ def test_load_single_file_gives_the_same_model(tiny_model_dir, tiny_ldm_file):
 
 def test_fp16_file_round_trips_and_loads_as_fp32(tiny_model_dir, tmp_path):
     original = load_folder_components(tiny_model_dir)
-    path = checkpoint.save_ldm_checkpoint(original, tmp_path / "half.safetensors", dtype=torch.float16)
+    path = ldm.save_ldm_checkpoint(original, tmp_path / "half.safetensors", dtype=torch.float16)
     state = load_file(str(path))
     assert state["model.diffusion_model.input_blocks.1.1.proj_in.weight"].dtype == torch.float16
     components = checkpoint.load_single_file(path, config_dir=tiny_model_dir)
@@ -268,7 +268,7 @@ def test_pickled_checkpoint_needs_the_opt_in_and_unwraps_state_dict(tmp_path):
 
 
 def test_metadata_is_written(tiny_model_dir, tmp_path):
-    path = checkpoint.save_ldm_checkpoint(load_folder_components(tiny_model_dir), tmp_path / "m.safetensors",
+    path = ldm.save_ldm_checkpoint(load_folder_components(tiny_model_dir), tmp_path / "m.safetensors",
                                           metadata={"note": json.dumps({"x": 1})})
     assert checkpoint.read_metadata(path) == {"format": "pt", "note": '{"x": 1}'}
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left nothing behind

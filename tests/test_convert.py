@@ -8,9 +8,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_offset import loaders
+from lora_offset.formats import loaders
 from lora_offset.cli import main
-from lora_offset.convert import convert_file
+from lora_offset.tools.convert import convert_file
 
 
 def load_pipe(model_dir):

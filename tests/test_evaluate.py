@@ -181,9 +181,9 @@ def _lora_unet(model_dir, seed, rank=4, scale=0.3):
 
 def _kohya_tensors(unet):
     try:
-        from lora_offset.export import kohya_state_dict
+        from lora_offset.formats.kohya import kohya_state_dict
     except ImportError:  # the export helper's module is not there: write the keys by hand
-        from lora_offset.keys import UNET_PREFIX, kohya_name
+        from lora_offset.formats.keys import UNET_PREFIX, kohya_name
         from lora_offset.lora import lora_module_names
 
         state = {}
@@ -267,7 +267,7 @@ def test_text_encoder_lora_is_loaded(tiny_model_dir, tmp_path):
 
     from lora_offset.lora import add_lora, text_encoder_lora_config
 
-    export = pytest.importorskip("lora_offset.export")
+    export = pytest.importorskip("lora_offset.formats.kohya")
     te = CLIPTextModel.from_pretrained(str(tiny_model_dir / "text_encoder"))
     add_lora(te, text_encoder_lora_config(4, 4))
     with torch.no_grad():

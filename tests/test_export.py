@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig
 
 from lora_offset.errors import UserError
-from lora_offset.export import (
+from lora_offset.formats.kohya import (
     addnet_legacy_hash,
     addnet_model_hash,
     kohya_state_dict,
@@ -24,7 +24,7 @@ from lora_offset.export import (
     ss_metadata,
     sshs_hashes,
 )
-from lora_offset.keys import SUFFIXES, kohya_name
+from lora_offset.formats.keys import SUFFIXES, kohya_name
 from lora_offset.lora import add_lora, text_encoder_lora_config, unet_lora_config
 
 ATTENTION_BLOCK = "Transformer2DModel"

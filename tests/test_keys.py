@@ -1,4 +1,4 @@
-from lora_offset.keys import kohya_name, kohya_to_module_map, split_key
+from lora_offset.formats.keys import kohya_name, kohya_to_module_map, split_key
 
 
 def test_unet_key_replaces_dots():

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from lora_offset import loaders
-from lora_offset.keys import kohya_name, normalize_text_encoder_name
+from lora_offset.formats import loaders
+from lora_offset.formats.keys import kohya_name, normalize_text_encoder_name
 from lora_offset.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS, UNET_CONV_3X3_TARGETS,
                               UNET_CONV_RANK_TARGETS, add_lora, lora_module_names, text_encoder_lora_config,
                               unet_lora_config)
@@ -38,7 +38,7 @@ def lora_components(variant: str, seed: int = 0) -> dict:
 
 def exported_state_dict(c: dict, variant: str) -> dict[str, torch.Tensor]:
     """Our exporter's kohya state dict for the injected components."""
-    from lora_offset.export import kohya_state_dict
+    from lora_offset.formats.kohya import kohya_state_dict
 
     return kohya_state_dict(c["unet"], c["text_encoder"] if "te" in variant else None)
 
@@ -48,7 +48,7 @@ def expected_modules(unet_names, te_names) -> set[str]:
 
 
 def kohya_keys(unet_names, te_names, alpha: bool = True) -> set[str]:
-    """The exporter's naming (lora_offset.keys) for the given module paths."""
+    """The exporter's naming (lora_offset.formats.keys) for the given module paths."""
     suffixes = ("lora_down.weight", "lora_up.weight") + (("alpha",) if alpha else ())
     modules = [kohya_name("lora_unet", n) for n in unet_names] + [kohya_name("lora_te", n) for n in te_names]
     return {f"{m}.{s}" for m in modules for s in suffixes}
@@ -336,9 +336,9 @@ def test_diffusers_oracle_agrees_with_real_load_lora_weights(tiny_model_dir):
 def test_cached_sd15_names_equal_a_fresh_build(tmp_path, monkeypatch):
     fresh = loaders.sd15_model_names(use_cache=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    built = loaders._cached_names("sd15", lambda: fresh)  # writes the cache
+    built = loaders.names._cached_names("sd15", lambda: fresh)  # writes the cache
     assert list(tmp_path.rglob("sd15-names-*.json"))
-    cached = loaders._cached_names("sd15", lambda: pytest.fail("the cache was not read"))
+    cached = loaders.names._cached_names("sd15", lambda: pytest.fail("the cache was not read"))
     for names in (built, cached, loaders.sd15_model_names()):
         assert names.to_json() == fresh.to_json()
     # diffusers' kohya converter resolves every diffusers-style UNet name and both CLIP spellings.

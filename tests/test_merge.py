@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from lora_offset import checkpoint, merge
 from lora_offset.cli import main
 from lora_offset.errors import UserError
-from lora_offset.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from lora_offset.formats import checkpoint, ldm
+from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
 from lora_offset.lora import text_encoder_lora_config, unet_lora_config
+from lora_offset.tools import merge
 
 RATIOS = {"a": 0.7, "b": -0.4}
 
@@ -161,7 +162,7 @@ def base_file(tiny_model_dir, tmp_path_factory):
     unet, text_encoder = load_models(tiny_model_dir)
     vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
     path = tmp_path_factory.mktemp("base") / "base.safetensors"
-    return checkpoint.save_ldm_checkpoint({"unet": unet, "vae": vae, "text_encoder": text_encoder}, path,
+    return ldm.save_ldm_checkpoint({"unet": unet, "vae": vae, "text_encoder": text_encoder}, path,
                                           metadata={"modelspec.title": "tiny"})
 
 
@@ -173,7 +174,7 @@ def test_merge_into_single_file(tiny_model_dir, base_file, adapted, tmp_path):
     base, merged = load_file(str(base_file)), load_file(str(out))
     assert set(base) == set(merged)
     unet_config = UNet2DConditionModel.load_config(tiny_model_dir / "unet")
-    key_map = checkpoint.derive_ldm_map({k: v for k, v in base.items() if not k.startswith("first_stage_model.")},
+    key_map = ldm.derive_ldm_map({k: v for k, v in base.items() if not k.startswith("first_stage_model.")},
                                         unet_config, vae_config={})
     expected_touched = {key_map[m][k] for m, k in adapted["deltas"]}
     assert touched == expected_touched
@@ -288,8 +289,8 @@ def test_cli(base_file, adapted, tmp_path, capsys):
 
 
 def test_merges_what_the_exporter_writes(tiny_model_dir, base_file, tmp_path):
-    """End to end with lora_offset.export: conv LoRA with its own alpha (folded into lora_up) + TE."""
-    export = pytest.importorskip("lora_offset.export")
+    """End to end with lora_offset.formats.kohya: conv LoRA with its own alpha (folded into lora_up) + TE."""
+    export = pytest.importorskip("lora_offset.formats.kohya")
     from lora_offset.lora import add_lora
 
     unet, text_encoder = load_models(tiny_model_dir)

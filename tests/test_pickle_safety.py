@@ -7,9 +7,10 @@ import pickle
 import pytest
 import torch
 
-from lora_offset import checkpoint, merge
 from lora_offset.cli import main
 from lora_offset.errors import UserError
+from lora_offset.formats import checkpoint
+from lora_offset.tools import merge
 
 
 class WritesMarker:

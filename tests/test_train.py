@@ -312,7 +312,7 @@ def test_train_from_a_single_file_ldm_checkpoint(tmp_path, tiny_model_dir, image
     """model.pretrained = an SD 1.x single .safetensors (original LDM layout), with its config folder."""
     from diffusers import StableDiffusionPipeline
 
-    from lora_offset.checkpoint import save_ldm_checkpoint
+    from lora_offset.formats.ldm import save_ldm_checkpoint
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
     single = tmp_path / "tiny-sd1.safetensors"

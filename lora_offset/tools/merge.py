@@ -23,9 +23,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lora_offset import checkpoint
 from lora_offset.errors import UserError
-from lora_offset.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name, split_key
+from lora_offset.formats import checkpoint, ldm
+from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name, split_key
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "lora_offset.merged_loras"
@@ -224,8 +224,8 @@ def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict, allo
     checkpoint.require_sd1(state, base)
     config_dir = checkpoint.default_config_dir()
     # The map is derived from this file's own keys, so the merge writes exactly the names it has.
-    key_map = checkpoint.derive_ldm_map(
-        {k: v for k, v in state.items() if not k.startswith(checkpoint.LDM_VAE_PREFIX)},
+    key_map = ldm.derive_ldm_map(
+        {k: v for k, v in state.items() if not k.startswith(ldm.LDM_VAE_PREFIX)},
         UNet2DConditionModel.load_config(config_dir / "unet"), AutoencoderKL.load_config(config_dir / "vae"),
     )
     touched = merge_into_state_dict(state, loras, kohya_targets(key_map["unet"], key_map["text_encoder"]), dtype)

@@ -2,9 +2,9 @@
 
 Reads the safetensors header (key names, shapes, dtypes, metadata) and only the tiny `.alpha`
 tensors, without torch, so it is fast on any file (the SD 1.5 module names the loader verdicts
-need come from a cache after the first run: lora_offset.loaders.sd15_model_names). Understands kohya files (`lora_unet_`, `lora_te_`, `lora_te1_`,
+need come from a cache after the first run: lora_offset.formats.loaders.sd15_model_names). Understands kohya files (`lora_unet_`, `lora_te_`, `lora_te1_`,
 LDM-style names), diffusers/PEFT dotted files (`unet.…lora_A.weight`, `text_encoder.…`,
-`base_model.model.…`) and mixes of them. The loader verdicts come from lora_offset.loaders, resolved
+`base_model.model.…`) and mixes of them. The loader verdicts come from lora_offset.formats.loaders, resolved
 against full-size SD 1.5 module names.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_offset.errors import UserError
-from lora_offset.loaders import LOADER_TITLES
+from lora_offset.formats.loaders import LOADER_TITLES
 
 CONV_MARKERS = (".resnets.", ".downsamplers.", ".upsamplers.")  # conv LoRA ("LoCon") modules
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
@@ -104,7 +104,7 @@ def _number(x: float) -> float | int:
 
 def summarize(header: LoraHeader, names=None, peft_config: dict | None = None) -> dict:
     """Everything `inspect` reports, as a JSON-ready dict (`peft_config`: a PEFT folder's adapter_config)."""
-    from lora_offset import loaders
+    from lora_offset.formats import loaders
 
     names = names or loaders.sd15_model_names()
     parsed = {key: loaders.parse_key(key, names) for key in header.shapes}
@@ -114,7 +114,7 @@ def summarize(header: LoraHeader, names=None, peft_config: dict | None = None) -
         if p is not None:
             modules.setdefault((p.component, p.module), {})[p.role] = key
 
-    from lora_offset.convert import adapter_configs, peft_scale
+    from lora_offset.tools.convert import adapter_configs, peft_scale
 
     configs = adapter_configs(header.metadata, peft_config)  # diffusers' lora_adapter_metadata / PEFT config
     ranks, alphas, scales = [], [], []
@@ -241,7 +241,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lora_offset.convert import resolve_weights
+    from lora_offset.tools.convert import resolve_weights
 
     path, peft_config = resolve_weights(args.file, "inspect")
     summary = summarize(read_header(path), peft_config=peft_config)

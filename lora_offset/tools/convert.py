@@ -1,6 +1,6 @@
 """`lora-offset convert IN OUT`: a diffusers- or PEFT-format SD 1.x LoRA -> our kohya format, same scale.
 
-Inputs understood (lora_offset.loaders.parse_key reads every naming):
+Inputs understood (lora_offset.formats.loaders.parse_key reads every naming):
 - diffusers' `save_lora_weights` files: `unet.<module>.lora_A.weight` / `text_encoder.<module>...`
   (also the older `...processor.to_q_lora.down.weight` spellings), kohya keys mixed in or not;
 - PEFT's own `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`) with its
@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from lora_offset.errors import UserError
-from lora_offset.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers/loaders/lora_base.py LORA_ADAPTER_METADATA_KEY
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -57,7 +57,7 @@ def read_input(path: str | Path) -> tuple[dict, dict[str, str], dict | None, Pat
     """(tensors, safetensors metadata, PEFT adapter_config or None, weights file) of IN."""
     import safetensors.torch
 
-    from lora_offset.inspect import read_header
+    from lora_offset.tools.inspect import read_header
 
     path, config = resolve_weights(path, "convert")
     header = read_header(path, what="convert")  # UserError for a missing, foreign or truncated file
@@ -109,7 +109,7 @@ def convert_state_dict(tensors: dict, metadata: dict[str, str], peft_config: dic
     """Kohya state dict (fp32, one alpha) for any-format SD 1.x LoRA tensors, and a summary of what was done."""
     import torch
 
-    from lora_offset import loaders
+    from lora_offset.formats import loaders
 
     names = names or loaders.sd15_model_names()
     modules: dict[tuple[str, str], dict] = {}
@@ -157,7 +157,7 @@ def convert_state_dict(tensors: dict, metadata: dict[str, str], peft_config: dic
         prefix = UNET_PREFIX if component == "unet" else TEXT_ENCODER_PREFIX
         scaled.append((kohya_name(prefix, module), down, up, rank, scale))
 
-    from lora_offset.export import uniform_alpha_tensors
+    from lora_offset.formats.kohya import uniform_alpha_tensors
 
     out, file_alpha, folded = uniform_alpha_tensors(scaled)  # each module keeps its own scale
     ranks = collections.Counter(rank for _, _, _, rank, _ in scaled)
@@ -195,7 +195,7 @@ def conversion_metadata(summary: dict, output_name: str, source_name: str) -> di
 
 def convert_file(src: str | Path, dst: str | Path, precision: str | None = None) -> dict:
     """Convert IN to a kohya LoRA at OUT (atomic write). Returns the conversion summary."""
-    from lora_offset.export import save_lora
+    from lora_offset.formats.kohya import save_lora
 
     tensors, metadata, peft_config, weights = read_input(src)
     dst = Path(dst)

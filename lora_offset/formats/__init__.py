@@ -1,0 +1,8 @@
+"""The file formats lora-offset reads and writes, pure where possible.
+
+keys.py        kohya module key names
+kohya.py       kohya / A1111 LoRA files: state dict, ss_* metadata, sshs_* hashes, saving
+ldm.py         the diffusers <-> LDM key map of single-file SD 1.x checkpoints
+checkpoint.py  reading single-file checkpoints and loading them as diffusers components
+loaders/       what each web UI's LoRA loader does with a file (oracles)
+"""
