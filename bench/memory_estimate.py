@@ -60,11 +60,11 @@ def _storage_id(t: torch.Tensor) -> int:
 
 
 def _lora_unet(rank: int, alpha: float, dtype: torch.dtype):
-    from lora_offset import lora
+    from lora_offset.training import networks
     from lora_offset.sd15 import build_sd15
 
     unet = build_sd15("unet", "meta").to(dtype).requires_grad_(False)
-    params = lora.add_lora(unet, lora.unet_lora_config(rank, alpha))
+    params = networks.add_lora(unet, networks.unet_lora_config(rank, alpha))
     # Under fp16/bf16 autocast the LoRA matmuls run in half precision: trace them that way.
     for p in params:
         p.data = p.data.to(dtype)

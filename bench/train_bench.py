@@ -3,7 +3,7 @@
     python bench/train_bench.py --out bench-results            # CUDA GPU, full-size SD 1.5 at 512x512
     python bench/train_bench.py --tiny --out /tmp/bench-tiny   # CPU, tiny model at 64x64 (CI, < 1 min)
 
-Every profile calls lora_offset.train.train (the code path of `lora-offset train`) with a Config and
+Every profile calls lora_offset.training.train.train (the code path of `lora-offset train`) with a Config and
 a random-init base model (lora_offset.sd15.build_sd15: no download) on a synthetic image folder.
 Hooks around each optimizer step give the timestamps (CUDA-synchronised), the peak memory, and the
 FLOPs of one steady-state step (torch.utils.flop_counter.FlopCounterMode: forward + backward of the
@@ -132,7 +132,7 @@ def build_base(tiny: bool, dtype: torch.dtype, work_dir: Path, seed: int = 0):
     (UNet 860 M, CLIP ViT-L/14 text encoder 123 M, VAE 84 M parameters), or lora_offset.tiny's."""
     from transformers import CLIPTokenizer
 
-    from lora_offset.models import BaseModel
+    from lora_offset.training.models import BaseModel
     from lora_offset.tiny import SD15_SCHEDULER_CONFIG, build_tiny_components
 
     torch.manual_seed(seed)
@@ -253,7 +253,7 @@ class StepHooks:
 def run_profile(name: str, *, tiny: bool, image_dir: Path, work_dir: Path, resolution: int,
                 warmup: int, steps: int) -> dict:
     """Train profile `name` for warmup + steps + 1 steps (the last one counts FLOPs) and measure it."""
-    from lora_offset.train import train
+    from lora_offset.training.train import train
 
     spec, notes = profile_settings(name, tiny)
     cuda = not tiny

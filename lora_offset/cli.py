@@ -12,7 +12,7 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("lora_offset.train", "train a LoRA from a TOML config"),
+    "train": ("lora_offset.training.train", "train a LoRA from a TOML config"),
     "inspect": ("lora_offset.tools.inspect", "show a LoRA file's metadata, modules, rank/alpha and loader compatibility"),
     "merge": ("lora_offset.tools.merge", "merge LoRAs into an SD 1.x checkpoint"),
     "convert": ("lora_offset.tools.convert", "convert a diffusers/PEFT SD 1.x LoRA to kohya format"),

@@ -9,7 +9,7 @@
    solid white image leaves in x_T.
 3. Write a DreamBooth set: solid black instance images ("a photo of sks") and class images of
    widely varying brightness ("a photo", prior preservation).
-4. Train the same LoRA budget three times with lora_offset.train: standard noise, offset noise
+4. Train the same LoRA budget three times with lora_offset.training.train: standard noise, offset noise
    0.1, zero terminal SNR with v-prediction.
 5. Evaluate base + the three LoRAs with lora_offset.evaluate; write DIR/report.md and
    DIR/report.json.
@@ -199,7 +199,7 @@ def run_demo(out: Path, quick: bool = False, weights: Path | None = None) -> dic
     from lora_offset import demo_base
     from lora_offset.config import Config
     from lora_offset.evaluate import evaluate
-    from lora_offset.train import train
+    from lora_offset.training.train import train
 
     protocol = QUICK if quick else PROTOCOL
     weights = Path(weights) if weights else demo_base.ASSETS_DIR / demo_base.WEIGHTS_NAME

@@ -144,7 +144,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 16, lr: f
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Unscaled latent means (as lora_offset.train encodes, before the scaling factor)."""
+    """Unscaled latent means (as lora_offset.training.train encodes, before the scaling factor)."""
     return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)])
 
 

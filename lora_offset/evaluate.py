@@ -183,9 +183,9 @@ def read_lora_file(path: Path) -> tuple[dict, dict]:
 
 def _load_base(path: str, allow_pickle: bool) -> dict:
     """Base model components {unet, vae, text_encoder, tokenizer, scheduler_config}: a diffusers
-    folder, a hub id or a single-file SD 1.x checkpoint (lora_offset.models does the work)."""
+    folder, a hub id or a single-file SD 1.x checkpoint (lora_offset.training.models does the work)."""
     from lora_offset.config import ModelConfig
-    from lora_offset.models import load_base_model
+    from lora_offset.training.models import load_base_model
 
     import torch
 
@@ -241,7 +241,7 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
              log: Callable[[str], None] | None = None) -> dict:
     """Generate N images per setting and prompt, write the report files into `out`, return the report.
 
-    `base`: diffusers folder, hub id or single-file SD 1.x checkpoint (see lora_offset.models).
+    `base`: diffusers folder, hub id or single-file SD 1.x checkpoint (see lora_offset.training.models).
     `loras`: LoraSpec, "FILE[:WEIGHT]" strings or (path, weight) pairs. `components` (optional):
     already-loaded base components {unet, vae, text_encoder, tokenizer, and scheduler_config (a
     dict) or scheduler} used instead of loading `base` (the demo and tests use it); they must not

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_offset import data
 from lora_offset.config import DatasetConfig, SubsetConfig
 from lora_offset.errors import UserError
+from lora_offset.training.data.dataset import build_dataset
+from lora_offset.training.data.images import load_image
 
 
 def cfg(*subsets, **kw) -> DatasetConfig:
@@ -108,7 +109,7 @@ def test_unreadable_image_is_skipped_and_listed(tmp_path, caplog, name):
     bad = folder / name
     bad.write_bytes(content())
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
-        ds = data.build_dataset(cfg(sub(folder)), seed=0)
+        ds = build_dataset(cfg(sub(folder)), seed=0)
     assert ds.num_instance_images == 1 and [e.path.name for e in ds.entries] == ["good.png"]
     assert [p for p, _ in ds.skipped] == [bad]
     reason = ds.skipped[0][1]
@@ -126,7 +127,7 @@ def test_decompression_bomb_warning_range_is_skipped_too(tmp_path, monkeypatch):
     noise_image((64, 64)).save(folder / "ok.png")
     noise_image((100, 100)).save(folder / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 100x100 = 10000: between the limit and twice it
-    ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    ds = build_dataset(cfg(sub(folder)), seed=0)
     assert ds.skipped == [(folder / "big.png",
                            "too large: more pixels than Pillow's decompression-bomb limit of 6,000; downscale it")]
 
@@ -139,7 +140,7 @@ def test_many_problems_make_one_warning_listing_each(tmp_path, caplog):
     (folder / "b.jpg").write_bytes(b"not a jpeg")
     (folder / "c.png").write_bytes(small((1, 1)))
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
-        data.build_dataset(cfg(sub(folder)), seed=0)
+        build_dataset(cfg(sub(folder)), seed=0)
     assert [r.getMessage() for r in caplog.records] == [
         "skipped 3 unreadable image(s):\n"
         f"  {folder / 'a.png'}: empty file (0 bytes)\n"
@@ -158,7 +159,7 @@ def test_non_image_files_are_ignored_with_one_warning(tmp_path, caplog):
     (folder / "good.npz").write_bytes(b"x")  # kohya's latent cache: silent
     (folder / "more").mkdir()
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
-        ds = data.build_dataset(cfg(sub(folder)), seed=0)
+        ds = build_dataset(cfg(sub(folder)), seed=0)
     assert ds.num_instance_images == 1 and ds.skipped == []
     assert [r.getMessage() for r in caplog.records] == [
         "ignored 3 file(s) that are neither images (.jpg .jpeg .png .webp .bmp .gif) nor caption files:\n"
@@ -171,7 +172,7 @@ def test_folder_named_like_an_image_is_ignored_not_opened(tmp_path):
     folder = tmp_path / "imgs"
     (folder / "trap.png").mkdir(parents=True)
     noise_image().save(folder / "good.png")
-    ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    ds = build_dataset(cfg(sub(folder)), seed=0)
     assert ds.num_instance_images == 1 and ds.skipped == []
 
 
@@ -182,9 +183,9 @@ def load_one(tmp_path: Path, write, name: str = "x.png", **cfg_kw) -> tuple[Imag
     folder = tmp_path / "imgs"
     folder.mkdir(exist_ok=True)
     write(folder / name)
-    ds = data.build_dataset(cfg(sub(folder), **cfg_kw), seed=0)
+    ds = build_dataset(cfg(sub(folder), **cfg_kw), seed=0)
     assert ds.skipped == [] and ds.num_instance_images == 1
-    return data.load_image(folder / name), ds.batch(0).pixel_values[0]
+    return load_image(folder / name), ds.batch(0).pixel_values[0]
 
 
 def to_byte(px: torch.Tensor) -> torch.Tensor:
@@ -285,10 +286,10 @@ def test_exif_rotated_image_is_upright(tmp_path, name):
     folder = tmp_path / "imgs"
     folder.mkdir()
     write(folder / name)
-    ds = data.build_dataset(cfg(sub(folder), resolution=128, enable_bucket=True, min_bucket_reso=64,
+    ds = build_dataset(cfg(sub(folder), resolution=128, enable_bucket=True, min_bucket_reso=64,
                                 max_bucket_reso=256), seed=0)
     assert ds.entries[0].size == (64, 128)  # upright: portrait
-    img = data.load_image(folder / name)
+    img = load_image(folder / name)
     assert img.size == (64, 128)
     assert img.getpixel((32, 10))[0] > 200 and img.getpixel((32, 120))[2] > 200  # red top, blue bottom
     px = ds.batch(0).pixel_values[0]
@@ -312,11 +313,11 @@ def test_grey_jpeg_bmp_and_one_bit_png(tmp_path):
     Image.new("L", (64, 64), 90).save(folder / "grey.jpg")
     Image.new("1", (64, 64), 1).save(folder / "bits.png")
     Image.new("RGB", (64, 64), (9, 8, 7)).save(folder / "plain.bmp")
-    ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    ds = build_dataset(cfg(sub(folder)), seed=0)
     assert ds.skipped == [] and ds.num_instance_images == 3
-    assert data.load_image(folder / "grey.jpg").getpixel((1, 1)) == (90, 90, 90)
-    assert data.load_image(folder / "bits.png").getpixel((1, 1)) == (255, 255, 255)
-    assert data.load_image(folder / "plain.bmp").getpixel((1, 1)) == (9, 8, 7)
+    assert load_image(folder / "grey.jpg").getpixel((1, 1)) == (90, 90, 90)
+    assert load_image(folder / "bits.png").getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(folder / "plain.bmp").getpixel((1, 1)) == (9, 8, 7)
 
 
 @pytest.mark.parametrize("name", ["chien été 🐶.png", "my dog 1.JPG", "Ωmega.Png", "日本語 の 犬.webp"])
@@ -325,7 +326,7 @@ def test_unicode_space_and_uppercase_names(tmp_path, name):
     folder.mkdir()
     noise_image().save(folder / name, "WEBP" if name.endswith("webp") else None)
     (folder / (Path(name).stem + ".txt")).write_text("sks dog, ünïcödé caption", encoding="utf-8")
-    ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    ds = build_dataset(cfg(sub(folder)), seed=0)
     assert [(e.path.name, e.caption) for e in ds.entries] == [(name, "sks dog, ünïcödé caption")]
     assert ds.batch(0).pixel_values.shape == (1, 3, 64, 64)
 
@@ -338,7 +339,7 @@ def test_latin1_caption_file(tmp_path, caplog):
     noise_image().save(folder / "a.png")
     (folder / "a.txt").write_bytes(b"sks dog, na\xefve, \xe9t\xe9")
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
-        ds = data.build_dataset(cfg(sub(folder)), seed=0)
+        ds = build_dataset(cfg(sub(folder)), seed=0)
     assert ds.entries[0].caption == "sks dog, naïve, été"
     assert str(folder / "a.txt") in caplog.records[0].getMessage() and "Latin-1" in caplog.records[0].getMessage()
 
@@ -349,7 +350,7 @@ def test_empty_caption_file_uses_class_tokens(tmp_path, caplog):
     noise_image().save(folder / "a.png")
     (folder / "a.txt").write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
-        ds = data.build_dataset(cfg(sub(folder, class_tokens="ohwx man")), seed=0)
+        ds = build_dataset(cfg(sub(folder, class_tokens="ohwx man")), seed=0)
     assert ds.entries[0].caption == "ohwx man"
     assert [r.getMessage() for r in caplog.records] == [
         f"1 caption file(s) are empty; their images use the subset's class_tokens:\n  {folder / 'a.txt'}"]
@@ -361,7 +362,7 @@ def test_images_without_caption_or_class_tokens(tmp_path):
     noise_image().save(folder / "a.png")
     noise_image().save(folder / "b.png")
     with pytest.raises(UserError) as err:
-        data.build_dataset(cfg(sub(folder, class_tokens=None)), seed=0)
+        build_dataset(cfg(sub(folder, class_tokens=None)), seed=0)
     assert str(err.value) == (f"2 image(s) in '{folder}' have no caption (e.g. 'a.txt' is missing or empty) and "
                               "dataset.subsets[0].class_tokens is not set; add caption files, set class_tokens, "
                               "or name the folder like '10_sks dog'")
@@ -371,7 +372,7 @@ def test_images_without_caption_or_class_tokens(tmp_path):
 
 def one_line_error(c, seed=0) -> str:
     with pytest.raises(UserError) as err:
-        data.build_dataset(c, seed=seed)
+        build_dataset(c, seed=seed)
     message = str(err.value)
     assert "\n" not in message
     return message
@@ -468,7 +469,7 @@ def test_bucket_settings_are_ignored_without_enable_bucket(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     noise_image().save(folder / "a.png")
-    ds = data.build_dataset(cfg(sub(folder), min_bucket_reso=1024, max_bucket_reso=256, bucket_reso_steps=8), seed=0)
+    ds = build_dataset(cfg(sub(folder), min_bucket_reso=1024, max_bucket_reso=256, bucket_reso_steps=8), seed=0)
     assert ds.num_instance_images == 1
 
 
@@ -484,7 +485,7 @@ def test_image_removed_after_the_scan(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     noise_image().save(folder / "a.png")
-    ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    ds = build_dataset(cfg(sub(folder)), seed=0)
     (folder / "a.png").write_bytes(b"gone")
     with pytest.raises(UserError) as err:
         ds.batch(0)
@@ -499,7 +500,7 @@ def test_broken_symlink_is_skipped(tmp_path):
     folder.mkdir()
     noise_image().save(folder / "good.png")
     (folder / "link.png").symlink_to(tmp_path / "deleted.png")
-    ds = data.build_dataset(cfg(sub(folder)), seed=0)
+    ds = build_dataset(cfg(sub(folder)), seed=0)
     assert ds.skipped == [(folder / "link.png", "cannot read (No such file or directory)")]
 
 
@@ -511,7 +512,7 @@ def test_long_lists_of_ignored_files_are_cut_but_skipped_images_are_all_listed(t
         (folder / f"bad{k:02d}.png").write_bytes(b"")
         (folder / f"meta{k:02d}.json").write_text("{}")
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
-        ds = data.build_dataset(cfg(sub(folder)), seed=0)
+        ds = build_dataset(cfg(sub(folder)), seed=0)
     skipped, ignored = [r.getMessage() for r in caplog.records]
     assert len(ds.skipped) == 60 and skipped.count(": empty file (0 bytes)") == 60
     assert ignored.startswith("ignored 60 file(s)") and ignored.count(".json") == 50

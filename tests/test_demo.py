@@ -27,20 +27,20 @@ def test_shipped_weights_are_small_and_carry_their_recipe():
 
 
 def test_demo_unet_has_sd15_module_names_and_kohya_targets():
-    from lora_offset import lora
+    from lora_offset.training import networks
     from lora_offset.sd15 import build_sd15
 
     unet = demo_base.build_components(seed=0)["unet"]
     sd15_names = {n for n, _ in build_sd15("unet", device="meta").named_modules()}
     assert {n for n, _ in unet.named_modules()} == sd15_names
-    lora.add_lora(unet, lora.unet_lora_config(4, 4))
-    assert len(lora.lora_module_names(unet)) == 192
+    networks.add_lora(unet, networks.unet_lora_config(4, 4))
+    assert len(networks.lora_module_names(unet)) == 192
     assert unet.config.sample_size * 8 == demo.RESOLUTION == demo_base.IMAGE_SIZE
 
 
 def test_weights_round_trip_through_the_file_and_the_diffusers_folder(tmp_path):
     from lora_offset.config import ModelConfig
-    from lora_offset.models import load_base_model
+    from lora_offset.training.models import load_base_model
 
     components = demo_base.build_components(seed=3)
     components["vae"].register_to_config(scaling_factor=0.5)

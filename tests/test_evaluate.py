@@ -166,7 +166,7 @@ def test_sampling_from_scheduler():
 def _lora_unet(model_dir, seed, rank=4, scale=0.3):
     from diffusers import UNet2DConditionModel
 
-    from lora_offset.lora import add_lora, unet_lora_config
+    from lora_offset.training.networks import add_lora, unet_lora_config
 
     unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
     torch.manual_seed(seed)  # lora_A's init draws from the global RNG: same seed, same file, every run
@@ -184,7 +184,7 @@ def _kohya_tensors(unet):
         from lora_offset.formats.kohya import kohya_state_dict
     except ImportError:  # the export helper's module is not there: write the keys by hand
         from lora_offset.formats.keys import UNET_PREFIX, kohya_name
-        from lora_offset.lora import lora_module_names
+        from lora_offset.training.networks import lora_module_names
 
         state = {}
         modules = dict(unet.named_modules())
@@ -265,7 +265,7 @@ def test_text_encoder_lora_is_loaded(tiny_model_dir, tmp_path):
     """A LoRA on the text encoder alone (kohya lora_te_text_model_* keys) changes the images."""
     from transformers import CLIPTextModel
 
-    from lora_offset.lora import add_lora, text_encoder_lora_config
+    from lora_offset.training.networks import add_lora, text_encoder_lora_config
 
     export = pytest.importorskip("lora_offset.formats.kohya")
     te = CLIPTextModel.from_pretrained(str(tiny_model_dir / "text_encoder"))
@@ -286,7 +286,7 @@ def test_text_encoder_lora_is_loaded(tiny_model_dir, tmp_path):
 
 def test_components_are_left_without_lora_layers(tiny_model_dir, lora_files, tmp_path):
     from lora_offset.evaluate import _load_base
-    from lora_offset.lora import lora_module_names
+    from lora_offset.training.networks import lora_module_names
 
     components = _load_base(str(tiny_model_dir), allow_pickle=False)
     evaluate(str(tiny_model_dir), [LoraSpec(lora_files["a"])], ["x"], out=tmp_path / "e", components=components, **FAST)

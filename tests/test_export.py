@@ -25,7 +25,7 @@ from lora_offset.formats.kohya import (
     sshs_hashes,
 )
 from lora_offset.formats.keys import SUFFIXES, kohya_name
-from lora_offset.lora import add_lora, text_encoder_lora_config, unet_lora_config
+from lora_offset.training.networks import add_lora, text_encoder_lora_config, unet_lora_config
 
 ATTENTION_BLOCK = "Transformer2DModel"
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")

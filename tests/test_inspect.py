@@ -16,7 +16,7 @@ from lora_offset.formats.keys import normalize_text_encoder_name
 def exported(tmp_path_factory):
     """An SD 1.x LoRA of the tiny model written by our exporter (UNet + text encoder + conv)."""
     from lora_offset.formats.kohya import kohya_state_dict, save_lora
-    from lora_offset.lora import add_lora, text_encoder_lora_config, unet_lora_config
+    from lora_offset.training.networks import add_lora, text_encoder_lora_config, unet_lora_config
     from lora_offset.tiny import build_tiny_components
 
     c = build_tiny_components(seed=0)

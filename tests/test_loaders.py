@@ -11,7 +11,7 @@ import torch
 
 from lora_offset.formats import loaders
 from lora_offset.formats.keys import kohya_name, normalize_text_encoder_name
-from lora_offset.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS, UNET_CONV_3X3_TARGETS,
+from lora_offset.training.networks import (TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS, UNET_CONV_3X3_TARGETS,
                               UNET_CONV_RANK_TARGETS, add_lora, lora_module_names, text_encoder_lora_config,
                               unet_lora_config)
 
@@ -55,7 +55,7 @@ def kohya_keys(unet_names, te_names, alpha: bool = True) -> set[str]:
 
 
 def target_names(module_names, variant: str, component: str) -> list[str]:
-    """Module names lora.py's PEFT targets select (PEFT full-matches each pattern against each name)."""
+    """Module names networks.py's PEFT targets select (PEFT full-matches each pattern against each name)."""
     if component == "text_encoder":
         pattern = TEXT_ENCODER_TARGETS if "te" in variant else r"(?!)"
     elif variant.endswith("conv"):

@@ -13,7 +13,7 @@ from lora_offset.cli import main
 from lora_offset.errors import UserError
 from lora_offset.formats import checkpoint, ldm
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
-from lora_offset.lora import text_encoder_lora_config, unet_lora_config
+from lora_offset.training.networks import text_encoder_lora_config, unet_lora_config
 from lora_offset.tools import merge
 
 RATIOS = {"a": 0.7, "b": -0.4}
@@ -291,7 +291,7 @@ def test_cli(base_file, adapted, tmp_path, capsys):
 def test_merges_what_the_exporter_writes(tiny_model_dir, base_file, tmp_path):
     """End to end with lora_offset.formats.kohya: conv LoRA with its own alpha (folded into lora_up) + TE."""
     export = pytest.importorskip("lora_offset.formats.kohya")
-    from lora_offset.lora import add_lora
+    from lora_offset.training.networks import add_lora
 
     unet, text_encoder = load_models(tiny_model_dir)
     add_lora(unet, unet_lora_config(rank=4, alpha=1.0, conv_rank=2, conv_alpha=2.0))

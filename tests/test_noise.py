@@ -14,7 +14,7 @@ from diffusers.training_utils import compute_snr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_offset import noise as N
+from lora_offset.training import noise as N
 from lora_offset.tiny import SD15_SCHEDULER_CONFIG
 
 

@@ -114,7 +114,7 @@ SLOW_SAVE_DRIVER = textwrap.dedent("""
             pass
 
     fileio.atomic_path = slow_atomic_path
-    import lora_offset.train as train
+    import lora_offset.training.train as train
     train.atomic_path = slow_atomic_path
     from lora_offset.cli import main
     sys.exit(main(sys.argv[1:]))
@@ -157,7 +157,7 @@ def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, t
 
 
 def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_dir, images, monkeypatch, caplog):
-    from lora_offset import noise
+    from lora_offset.training import noise
 
     real = noise.per_sample_loss
     calls = {"n": 0}
@@ -176,7 +176,7 @@ def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_d
 
 
 def test_non_finite_steps_in_a_row_stop_with_advice(tmp_path, tiny_model_dir, images, monkeypatch, capsys):
-    from lora_offset import noise
+    from lora_offset.training import noise
 
     monkeypatch.setattr(noise, "per_sample_loss", lambda pred, target: (pred - target).float().mean((1, 2, 3)) * float("inf"))
     config = write_config(tmp_path, tiny_model_dir, images, training={"max_steps": 20, "max_nonfinite_steps": 3})

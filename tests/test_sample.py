@@ -82,7 +82,7 @@ def test_to_unit_range_clamps_and_moves_channels():
 
 
 def test_generate_on_training_lora_model_keeps_modes_and_grads(tiny_components):
-    from lora_offset.lora import add_lora, text_encoder_lora_config, unet_lora_config
+    from lora_offset.training.networks import add_lora, text_encoder_lora_config, unet_lora_config
 
     unet, te = tiny_components["unet"], tiny_components["text_encoder"]
     add_lora(unet, unet_lora_config(4, 4, dropout=0.5))

@@ -95,7 +95,7 @@ def test_exported_file_loads_in_diffusers_and_matches_the_trained_adapter(tmp_pa
     load_lora_weights, must give the same UNet and text-encoder outputs (alpha != rank)."""
     from diffusers import StableDiffusionPipeline
 
-    from lora_offset import lora
+    from lora_offset.training import networks
     from lora_offset.tiny import build_tiny_components
 
     config = write_config(tmp_path, tiny_model_dir, images, network={"train_text_encoder": True, "rank": 4, "alpha": 3.0},
@@ -106,8 +106,8 @@ def test_exported_file_loads_in_diffusers_and_matches_the_trained_adapter(tmp_pa
     assert state["step"] == 2
     # The adapter as trained: tiny base + PEFT LoRA with the state's weights.
     trained = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
-    lora.add_lora(trained.unet, lora.unet_lora_config(4, 3.0))
-    lora.add_lora(trained.text_encoder, lora.text_encoder_lora_config(4, 3.0))
+    networks.add_lora(trained.unet, networks.unet_lora_config(4, 3.0))
+    networks.add_lora(trained.text_encoder, networks.text_encoder_lora_config(4, 3.0))
     for model, key in ((trained.unet, "unet_lora"), (trained.text_encoder, "text_encoder_lora")):
         missing = set(dict(model.named_parameters())) & set(state[key])
         assert len(missing) == len(state[key]) > 0
@@ -155,7 +155,7 @@ def test_loss_drops_when_overfitting_a_few_images(tmp_path, tiny_model_dir, imag
     """Fixed evaluation batch (same latents, noise, timesteps): the trained LoRA's loss is lower than the base's."""
     from diffusers import StableDiffusionPipeline
 
-    from lora_offset.train import encode_images, encode_prompts
+    from lora_offset.training.train import encode_images, encode_prompts
 
     config = write_config(tmp_path, tiny_model_dir, images, network={"rank": 8, "alpha": 8.0},
                           training={"max_steps": 20, "learning_rate": 3e-3, "optimizer": "adamw"},
@@ -169,7 +169,7 @@ def test_loss_drops_when_overfitting_a_few_images(tmp_path, tiny_model_dir, imag
         latents = encode_images(pipe.vae, pixels, torch.float32).repeat(8, 1, 1, 1)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
-        from lora_offset.noise import add_noise
+        from lora_offset.training.noise import add_noise
 
         alphas_cumprod = torch.cumprod(1 - pipe.scheduler.betas, 0)
         noisy = add_noise(latents, noise, t, alphas_cumprod)
@@ -181,10 +181,10 @@ def test_loss_drops_when_overfitting_a_few_images(tmp_path, tiny_model_dir, imag
 
 
 def test_gradients_with_and_without_checkpointing_agree(tiny_components):
-    from lora_offset import lora
+    from lora_offset.training import networks
 
     unet = tiny_components["unet"]
-    params = lora.add_lora(unet, lora.unet_lora_config(4, 4.0))
+    params = networks.add_lora(unet, networks.unet_lora_config(4, 4.0))
     with torch.no_grad():
         for p in params:  # non-zero lora_B so every LoRA parameter gets a gradient
             p.normal_(0, 0.02)

@@ -51,7 +51,7 @@ import torch
 from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_path
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
-from lora_offset.lora import ADAPTER_NAME
+from lora_offset.training.networks import ADAPTER_NAME
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -23,11 +23,14 @@ from pathlib import Path
 
 import torch
 
-from lora_offset import data, lora, models, noise
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_path
 from lora_offset.formats import kohya
+from lora_offset.training import models, networks, noise
+from lora_offset.training.data.captions import check_caption_lengths
+from lora_offset.training.data.dataset import build_dataset
+from lora_offset.training.data.scan import missing_class_images
 
 log = logging.getLogger("lora_offset")
 
@@ -76,7 +79,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     resume_file = find_resume_state(resume, output_dir) if resume else None
     world = accelerator.num_processes
     global_batch_cfg = dataclasses.replace(config.dataset, batch_size=config.dataset.batch_size * world)
-    dataset = data.build_dataset(global_batch_cfg, seed=t.seed)  # UserError if no readable instance image
+    dataset = build_dataset(global_batch_cfg, seed=t.seed)  # UserError if no readable instance image
 
     # ---- base model, frozen, in half precision on GPU -------------------------------------
     if base is None:
@@ -96,17 +99,17 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
 
     # Prior preservation: generate the class images that are missing, with the untouched base model.
     if generate_class_images(config, base, device):
-        dataset = data.build_dataset(global_batch_cfg, seed=t.seed)
-    data.check_caption_lengths(dataset.captions, tokenizer)
+        dataset = build_dataset(global_batch_cfg, seed=t.seed)
+    check_caption_lengths(dataset.captions, tokenizer)
 
     # ---- LoRA (fp32 weights) ----------------------------------------------------------------
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # LoRA init draws from the global RNG: same seed, same starting adapter
-    unet_params = lora.add_lora(unet, lora.unet_lora_config(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout))
+    unet_params = networks.add_lora(unet, networks.unet_lora_config(net.rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout))
     te_params = []
     if net.train_text_encoder:
-        te_params = lora.add_lora(text_encoder, lora.text_encoder_lora_config(net.rank, net.alpha, net.dropout))
+        te_params = networks.add_lora(text_encoder, networks.text_encoder_lora_config(net.rank, net.alpha, net.dropout))
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if net.train_text_encoder:
@@ -308,7 +311,7 @@ def estimate_adapter_bytes(net) -> int:
 
 def generate_class_images(config: Config, base, device) -> bool:
     """Fill regularization folders up to num_class_images with the base model's images of class_tokens."""
-    missing = [(s, data.missing_class_images(s)) for s in config.dataset.subsets if s.is_reg and s.num_class_images]
+    missing = [(s, missing_class_images(s)) for s in config.dataset.subsets if s.is_reg and s.num_class_images]
     missing = [(s, k) for s, k in missing if k > 0]
     if not missing:
         return False

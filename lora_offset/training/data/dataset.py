@@ -1,0 +1,260 @@
+"""The dataset: scanned images and the deterministic batch schedule, a pure function of (seed, step)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from lora_offset.errors import UserError
+from lora_offset.training.data import cache
+from lora_offset.training.data.buckets import SIZE_MULTIPLE, Size, bucket_resolutions, image_bucket
+from lora_offset.training.data.captions import count_tags, shuffle_tags
+from lora_offset.training.data.images import fit_to_bucket, load_image, one_line, to_tensor
+from lora_offset.training.data.scan import ImageEntry, ScanReport, scan_subset, warn_report
+
+log = logging.getLogger("lora_offset.data")
+
+
+def validate_dataset_config(cfg) -> None:
+    """Raise UserError for dataset settings that cannot work. `cfg` is a DatasetConfig."""
+    for key in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if key != "resolution" and not cfg.enable_bucket:
+            continue
+        value = getattr(cfg, key)
+        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            nearest = max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+            raise UserError(f"dataset.{key} = {value} is not a multiple of 64; Stable Diffusion 1.x needs image sizes "
+                            f"divisible by 64 (the VAE divides by 8, the UNet halves that 3 times): use {nearest}")
+    if cfg.batch_size < 1:
+        raise UserError(f"dataset.batch_size = {cfg.batch_size} must be at least 1")
+    if cfg.enable_bucket:
+        if cfg.min_bucket_reso > cfg.max_bucket_reso:
+            raise UserError(f"dataset.min_bucket_reso = {cfg.min_bucket_reso} is larger than dataset.max_bucket_reso = "
+                            f"{cfg.max_bucket_reso}; set min_bucket_reso <= max_bucket_reso")
+        if cfg.bucket_reso_steps > cfg.resolution:
+            raise UserError(f"dataset.bucket_reso_steps = {cfg.bucket_reso_steps} is larger than dataset.resolution = "
+                            f"{cfg.resolution}; use bucket_reso_steps = 64")
+        if not cfg.min_bucket_reso <= cfg.resolution <= cfg.max_bucket_reso:
+            raise UserError(f"dataset.resolution = {cfg.resolution} must lie between dataset.min_bucket_reso = "
+                            f"{cfg.min_bucket_reso} and dataset.max_bucket_reso = {cfg.max_bucket_reso}")
+    for i, s in enumerate(cfg.subsets):
+        if s.num_repeats < 1:
+            raise UserError(f"dataset.subsets[{i}].num_repeats = {s.num_repeats} must be at least 1")
+        if s.keep_tokens < 0:
+            raise UserError(f"dataset.subsets[{i}].keep_tokens = {s.keep_tokens} must be 0 or more")
+
+@dataclass
+class Batch:
+    """One training step's images. Instance samples first, then class samples (is_reg True)."""
+
+    captions: list[str]
+    is_reg: torch.Tensor  # bool (N,)
+    paths: list[Path]
+    pixel_values: torch.Tensor | None = None  # float32 (N, 3, H, W) in [-1, 1], when latents are not cached
+    latents: torch.Tensor | None = None  # float32 (N, 4, H/8, W/8), after cache_latents
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _generator(seed: int, *parts) -> torch.Generator:
+    """A torch generator seeded by a hash of (seed, *parts): independent streams per purpose and step."""
+    digest = hashlib.sha256(repr((int(seed),) + parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class DreamBoothDataset:
+    """Scanned images and the deterministic batch schedule. Build it with `build_dataset`."""
+
+    def __init__(self, cfg, seed: int, subsets: Sequence, entries: list[ImageEntry],
+                 skipped: list[tuple[Path, str]]):
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.batch_size = cfg.batch_size
+        self.subsets = list(subsets)
+        self.entries = entries
+        self.skipped = skipped
+        instance = [i for i, e in enumerate(entries) if not e.is_reg]
+        reg = [i for i, e in enumerate(entries) if e.is_reg]
+        self.num_instance_images = len(instance)
+        self.num_reg_images = len(reg)
+        # kohya repeats: an image of a subset with num_repeats = 10 appears 10 times per epoch.
+        self._instance_pool = [i for i in instance for _ in range(self.subsets[entries[i].subset].num_repeats)]
+        self._reg_pool = [i for i in reg for _ in range(self.subsets[entries[i].subset].num_repeats)]
+        self.num_train_items = len(self._instance_pool)  # kohya's ss_num_train_images (repeats included)
+        by_bucket: dict[Size, list[int]] = {}
+        for i in self._instance_pool:
+            by_bucket.setdefault(entries[i].bucket, []).append(i)
+        self._by_bucket = dict(sorted(by_bucket.items()))
+        self.steps_per_epoch = sum(math.ceil(len(v) / self.batch_size) for v in self._by_bucket.values())
+        self.tag_frequency: dict[str, dict[str, int]] = {}
+        self.dataset_dirs: dict[str, dict[str, int]] = {}
+        for index, subset in enumerate(self.subsets):
+            name = Path(subset.image_dir).name
+            captions = [e.caption for e in entries if e.subset == index]
+            merged = self.tag_frequency.setdefault(name, {})
+            for tag, n in count_tags(captions).items():
+                merged[tag] = merged.get(tag, 0) + n
+            self.dataset_dirs[name] = {"n_repeats": subset.num_repeats, "img_count": len(captions)}
+        self._epoch_cache: tuple[int, list[list[int]], list[int]] | None = None
+        self._reg_cycles: dict[int, list[int]] = {}
+        self._latents: dict[tuple[int, Size, bool], torch.Tensor] | None = None
+
+    # ---- facts -----------------------------------------------------------------------------
+    @property
+    def bucket_counts(self) -> dict[Size, int]:
+        """Instance items (repeats included) per bucket (w, h)."""
+        return {b: len(v) for b, v in self._by_bucket.items()}
+
+    @property
+    def captions(self) -> list[str]:
+        """The distinct captions as written (before any shuffle), for check_caption_lengths."""
+        return sorted({e.caption for e in self.entries})
+
+    def caption_set(self) -> list[str] | None:
+        """Every caption a batch can carry (for a text-embedding cache); None if a subset shuffles captions."""
+        used = {e.subset for e in self.entries}
+        if any(self.subsets[i].shuffle_caption for i in used):
+            return None
+        return self.captions
+
+    @property
+    def latents_cached(self) -> bool:
+        return self._latents is not None
+
+    # ---- the schedule: pure functions of (seed, step) ----------------------------------------
+    def _epoch_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """(batches of entry indices, instance items before each batch) for one epoch."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1], self._epoch_cache[2]
+        g = _generator(self.seed, "epoch", epoch)
+        batches: list[list[int]] = []
+        for items in self._by_bucket.values():
+            order = torch.randperm(len(items), generator=g).tolist()
+            shuffled = [items[k] for k in order]
+            batches.extend(shuffled[k:k + self.batch_size] for k in range(0, len(shuffled), self.batch_size))
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        before, total = [], 0
+        for b in batches:
+            before.append(total)
+            total += len(b)
+        self._epoch_cache = (epoch, batches, before)
+        return batches, before
+
+    def _reg_item(self, position: int) -> int:
+        """The class image at a global position of the class stream: reg pool reshuffled each cycle."""
+        cycle, offset = divmod(position, len(self._reg_pool))
+        if cycle not in self._reg_cycles:
+            if len(self._reg_cycles) > 4:
+                self._reg_cycles.clear()
+            order = torch.randperm(len(self._reg_pool), generator=_generator(self.seed, "reg", cycle)).tolist()
+            self._reg_cycles[cycle] = [self._reg_pool[k] for k in order]
+        return self._reg_cycles[cycle][offset]
+
+    def batch_plan(self, step: int) -> tuple[list[int], list[int], Size]:
+        """(instance entry indices, class entry indices, (w, h)) of a step; no image is read."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, index = divmod(step, self.steps_per_epoch)
+        batches, before = self._epoch_plan(epoch)
+        instance = batches[index]
+        size = self.entries[instance[0]].bucket
+        reg: list[int] = []
+        if self._reg_pool:
+            # Class images form one endless stream, consumed as many per batch as it has instance images,
+            # so every class image is used about equally often.
+            start = epoch * len(self._instance_pool) + before[index]
+            reg = [self._reg_item(start + k) for k in range(len(instance))]
+        return instance, reg, size
+
+    def batch(self, step: int) -> Batch:
+        """The batch of global step `step`: same (seed, step), same batch, in any process."""
+        instance, reg, size = self.batch_plan(step)
+        g = _generator(self.seed, "augment", step)
+        captions, flips = [], []
+        for i in instance + reg:
+            entry = self.entries[i]
+            subset = self.subsets[entry.subset]
+            flip = bool(torch.rand((), generator=g) < 0.5)  # drawn always, so one subset's setting moves no other's
+            flips.append(flip and subset.flip_aug)
+            caption = entry.caption
+            if subset.shuffle_caption:
+                caption = shuffle_tags(caption, subset.keep_tokens, g)
+            captions.append(caption)
+        indices = instance + reg
+        batch = Batch(captions=captions,
+                      is_reg=torch.tensor([False] * len(instance) + [True] * len(reg), dtype=torch.bool),
+                      paths=[self.entries[i].path for i in indices])
+        if self._latents is not None:
+            batch.latents = torch.stack([self._latents[(i, size, f)] for i, f in zip(indices, flips)])
+        else:
+            pixels = []
+            for i, flip in zip(indices, flips):
+                tensor = self.pixels(i, [size])[size]
+                pixels.append(tensor.flip(-1) if flip else tensor)
+            batch.pixel_values = torch.stack(pixels)
+        return batch
+
+    def pixels(self, index: int, sizes: Sequence[Size]) -> dict[Size, torch.Tensor]:
+        """Entry `index` decoded and fitted to each of `sizes`: {size: float32 (3, H, W) in [-1, 1]}."""
+        path = self.entries[index].path
+        try:
+            img = load_image(path, sizes)
+        except Exception as e:
+            raise UserError(f"cannot read image '{path}' ({one_line(e)}); it was readable when the dataset was "
+                            "scanned: restore it or remove it and start again") from None
+        return {s: to_tensor(fit_to_bucket(img, s)) for s in sizes}
+
+    # ---- latent cache --------------------------------------------------------------------------
+    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], cache_dir: Path | str | None = None,
+                      *, encoder_id: str = "", batch_size: int = 4) -> None:
+        """Encode every (image, size, flip) a batch can use, once (see cache.encode_latents);
+        afterwards `batch()` returns latents."""
+        self._latents = cache.encode_latents(self, encode, cache_dir, encoder_id=encoder_id, batch_size=batch_size)
+
+
+def build_dataset(cfg, seed: int) -> DreamBoothDataset:
+    """Scan every subset of DatasetConfig `cfg` and return the dataset. Cheap: no full decode of PNGs.
+
+    Raises UserError for a missing folder, a subset with captionless images and no class_tokens,
+    a regularization subset without readable images, or no readable instance image at all.
+    Logs one warning per kind of problem (skipped images, ignored files, Latin-1 and empty captions).
+    """
+    validate_dataset_config(cfg)
+    subsets = list(cfg.subsets)
+    if not any(not s.is_reg for s in subsets):
+        raise UserError("the dataset has no instance images configured: set dataset.train_data_dir or add "
+                        "[[dataset.subsets]] with image_dir")
+    buckets = None
+    if cfg.enable_bucket and not cfg.bucket_no_upscale:
+        buckets = bucket_resolutions(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+    report = ScanReport()
+    entries: list[ImageEntry] = []
+    empty_reg: list[int] = []
+    for index, subset in enumerate(subsets):
+        found = scan_subset(subset, index, report)
+        if subset.is_reg and not found and subset.num_class_images == 0:
+            empty_reg.append(index)  # with num_class_images, the trainer fills it before training
+        for path, size, caption in found:
+            entries.append(ImageEntry(path=path, caption=caption, subset=index, is_reg=bool(subset.is_reg),
+                                      size=size, bucket=image_bucket(size, cfg, buckets)))
+    warn_report(report)
+    if not any(not e.is_reg for e in entries):
+        folders = ", ".join(f"'{s.image_dir}'" for s in subsets if not s.is_reg)
+        note = ""
+        if report.skipped:
+            note = f" ({len(report.skipped)} file(s) were skipped as unreadable, listed in the warning above)"
+        raise UserError(f"no readable instance images in {folders}; put .jpg, .jpeg, .png, .webp, .bmp or .gif images "
+                        f"there{note}")
+    if empty_reg:
+        index = empty_reg[0]
+        raise UserError(f"dataset.subsets[{index}] (is_reg = true) has no readable class images in "
+                        f"'{subsets[index].image_dir}'; add class images, set num_class_images to have them "
+                        "generated, or remove the subset")
+    return DreamBoothDataset(cfg, seed, subsets, entries, list(report.skipped))
