@@ -1,4 +1,4 @@
-"""Noise strategies, schedule and loss weights: statistics with tolerances from the sampling error,
+"""Noise strategies and schedule: statistics with tolerances from the sampling error,
 exact equality where the math allows it, and equality with diffusers' own implementations."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from diffusers.training_utils import compute_snr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_offset.training import losses as L
 from lora_offset.training import noise as N
 from lora_offset.tiny import SD15_SCHEDULER_CONFIG
 
@@ -323,47 +324,6 @@ def test_snr_equals_diffusers(sd15):
     assert N.snr(ztsnr.alphas_cumprod, torch.tensor([999])).item() == 0.0
 
 
-def test_min_snr_weights_formula_and_snr_zero():
-    values = torch.tensor([0.0, 1e-30, 1e-3, 0.5, 1.0, 4.9, 5.0, 5.1, 100.0, 1e6])
-    gamma = 5.0
-    eps = N.min_snr_weights(values, gamma, "epsilon")
-    v = N.min_snr_weights(values, gamma, "v_prediction")
-    assert torch.isfinite(eps).all() and torch.isfinite(v).all()
-    positive = values[1:]
-    torch.testing.assert_close(eps[1:], torch.minimum(positive, torch.tensor(gamma)) / positive)
-    torch.testing.assert_close(v, torch.minimum(values, torch.tensor(gamma)) / (values + 1))
-    assert eps[0].item() == 1.0  # the limit snr -> 0, same as every snr < gamma
-    assert v[0].item() == 0.0
-    assert eps[:6].eq(1.0).all()  # snr <= gamma: weight 1 for epsilon
-    torch.testing.assert_close(eps[-1], torch.tensor(gamma / 1e6))
-
-
-def test_min_snr_weights_on_schedules(sd15):
-    t = torch.arange(1000)
-    weights = N.min_snr_weights(N.snr(sd15.alphas_cumprod, t), 1e9, "epsilon")
-    assert torch.equal(weights, torch.ones(1000))  # gamma above every snr: epsilon weights are all 1
-    ztsnr = N.training_scheduler(SD15_SCHEDULER_CONFIG, zero_terminal_snr=True)
-    ztsnr_snr = N.snr(ztsnr.alphas_cumprod, t)
-    for prediction_type in N.PREDICTION_TYPES:
-        w = N.min_snr_weights(ztsnr_snr, 5.0, prediction_type)
-        assert torch.isfinite(w).all() and (w >= 0).all() and (w <= 1).all()
-    with pytest.raises(ValueError, match="gamma"):
-        N.min_snr_weights(ztsnr_snr, 0.0, "epsilon")
-
-
-def test_per_sample_loss():
-    pred = torch.zeros(3, 4, 2, 2)
-    target = torch.zeros(3, 4, 2, 2)
-    target[1] = 2.0
-    target[2, 0] = 4.0  # one of four channels: mean of 16 over 1/4 of the elements
-    loss = N.per_sample_loss(pred.half(), target.half())
-    assert loss.dtype == torch.float32 and loss.shape == (3,)
-    assert loss.tolist() == [0.0, 4.0, 4.0]
-    torch.testing.assert_close(loss.mean(), torch.nn.functional.mse_loss(pred, target))
-    with pytest.raises(ValueError, match="shape"):
-        N.per_sample_loss(pred, target[:2])
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_generator_gives_the_same_noise_on_gpu():
     x = torch.randn(2, 4, 16, 16)
@@ -422,7 +382,7 @@ def test_objective_finite(batch, dtype, prediction_type, ztsnr, gamma, seed):
     noise = torch.randn(batch, 4, 4, 4, generator=g).to(dtype)
     noisy = N.add_noise(latents, noise, t, scheduler.alphas_cumprod)
     target = N.training_target(latents, noise, t, scheduler.alphas_cumprod, prediction_type)
-    weights = N.min_snr_weights(N.snr(scheduler.alphas_cumprod, t), gamma, prediction_type)
-    loss = N.per_sample_loss(noisy, target) * weights
+    weights = L.min_snr_weights(N.snr(scheduler.alphas_cumprod, t), gamma, prediction_type)
+    loss = L.per_sample_loss(noisy, target) * weights
     assert noisy.dtype == target.dtype == dtype and loss.shape == (batch,)
     assert torch.isfinite(noisy).all() and torch.isfinite(target).all() and torch.isfinite(loss).all()

@@ -114,8 +114,8 @@ SLOW_SAVE_DRIVER = textwrap.dedent("""
             pass
 
     fileio.atomic_path = slow_atomic_path
-    import lora_offset.training.train as train
-    train.atomic_path = slow_atomic_path
+    import lora_offset.training.state as state
+    state.atomic_path = slow_atomic_path
     from lora_offset.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -157,9 +157,9 @@ def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, t
 
 
 def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_dir, images, monkeypatch, caplog):
-    from lora_offset.training import noise
+    from lora_offset.training import losses
 
-    real = noise.per_sample_loss
+    real = losses.per_sample_loss
     calls = {"n": 0}
 
     def nan_on_second_call(pred, target):
@@ -167,7 +167,7 @@ def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_d
         loss = real(pred, target)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(noise, "per_sample_loss", nan_on_second_call)
+    monkeypatch.setattr(losses, "per_sample_loss", nan_on_second_call)
     config = write_config(tmp_path, tiny_model_dir, images, training={"max_steps": 4})
     assert main(["train", "--config", str(config)]) == 0
     assert "step 2: non-finite loss or gradient, step skipped (1 in a row)" in caplog.text
@@ -176,9 +176,9 @@ def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_d
 
 
 def test_non_finite_steps_in_a_row_stop_with_advice(tmp_path, tiny_model_dir, images, monkeypatch, capsys):
-    from lora_offset.training import noise
+    from lora_offset.training import losses
 
-    monkeypatch.setattr(noise, "per_sample_loss", lambda pred, target: (pred - target).float().mean((1, 2, 3)) * float("inf"))
+    monkeypatch.setattr(losses, "per_sample_loss", lambda pred, target: (pred - target).float().mean((1, 2, 3)) * float("inf"))
     config = write_config(tmp_path, tiny_model_dir, images, training={"max_steps": 20, "max_nonfinite_steps": 3})
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err

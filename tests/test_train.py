@@ -155,7 +155,8 @@ def test_loss_drops_when_overfitting_a_few_images(tmp_path, tiny_model_dir, imag
     """Fixed evaluation batch (same latents, noise, timesteps): the trained LoRA's loss is lower than the base's."""
     from diffusers import StableDiffusionPipeline
 
-    from lora_offset.training.train import encode_images, encode_prompts
+    from lora_offset.training.step import encode_images
+    from lora_offset.training.text import encode_prompts
 
     config = write_config(tmp_path, tiny_model_dir, images, network={"rank": 8, "alpha": 8.0},
                           training={"max_steps": 20, "learning_rate": 3e-3, "optimizer": "adamw"},

@@ -1,4 +1,4 @@
-"""The training objective's noise, timesteps, targets and loss weights, as pure functions.
+"""The training objective's noise, timesteps and targets, as pure functions.
 
 Nothing here does I/O or touches a global random state: every random function takes a
 ``torch.Generator | None`` and passes it to ``torch.randn``/``torch.rand``/``torch.randint``, so a
@@ -47,8 +47,8 @@ Objective
     training_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
         "epsilon": noise; "v_prediction": sqrt(ab)*noise - sqrt(1-ab)*latents (= diffusers' get_velocity)
     snr(alphas_cumprod, timesteps)                          ab / (1 - ab) at the timesteps, float32
-    min_snr_weights(snr, gamma, prediction_type)            Hang et al. 2023, finite at snr = 0 (see there)
-    per_sample_loss(pred, target)                           MSE over all but the batch dim, shape (B,), float32
+
+The loss and its weights (MSE, min-SNR) are in lora_offset.training.losses.
 """
 
 from __future__ import annotations
@@ -254,39 +254,10 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return ab / (1.0 - ab)
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) per sample.
-
-    epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1).
-    At snr = 0 (zero terminal SNR's last step) the epsilon formula is 0/0; we return 1 there, its limit
-    as snr -> 0 (every step with snr < gamma gets exactly 1), so the weight is continuous in t.
-    The v_prediction formula is finite there and gives 0 (its x0-space weight min(snr, gamma) is 0).
-    """
-    if not gamma > 0:
-        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
-    clipped = snr.clamp(max=gamma)
-    if prediction_type == "epsilon":
-        positive = snr > 0
-        return torch.where(positive, clipped / torch.where(positive, snr, torch.ones_like(snr)), torch.ones_like(snr))
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample over every dim but the first, in float32: shape (B,)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    squared = F.mse_loss(pred.float(), target.float(), reduction="none")
-    return squared.mean(dim=tuple(range(1, squared.ndim)))
-
-
 __all__ = [
     "PREDICTION_TYPES",
     "add_noise",
-    "min_snr_weights",
     "offset_noise",
-    "per_sample_loss",
     "perturb_noise",
     "pyramid_noise",
     "sample_noise",

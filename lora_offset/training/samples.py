@@ -1,0 +1,72 @@
+"""Images made during training: the missing class images (before), sample images (during)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lora_offset.config import Config
+from lora_offset.fileio import atomic_path
+from lora_offset.training.data.scan import missing_class_images
+
+log = logging.getLogger("lora_offset")
+
+
+def generate_class_images(config: Config, base, device) -> bool:
+    """Fill regularization folders up to num_class_images with the base model's images of class_tokens."""
+    missing = [(s, missing_class_images(s)) for s in config.dataset.subsets if s.is_reg and s.num_class_images]
+    missing = [(s, k) for s, k in missing if k > 0]
+    if not missing:
+        return False
+    from lora_offset import sample
+
+    unet_device = base.unet.device
+    base.unet.to(device)
+    pipe = sample.build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler_config,
+                                 prediction_type="epsilon")
+    size = config.dataset.resolution
+    for subset, count in missing:
+        log.info("generating %d class images for %r in %s", count, subset.class_tokens, subset.image_dir)
+        seeds = [config.training.seed * 100_000 + i for i in range(count)]
+        images = sample.generate(pipe, [subset.class_tokens] * count, seeds, steps=config.training.sample_steps,
+                                 guidance_scale=config.training.sample_guidance_scale, height=size, width=size)
+        folder = Path(subset.image_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for seed, image in zip(seeds, images):
+            with atomic_path(folder / f"class-{seed}.png") as tmp:
+                image.save(tmp, format="PNG")
+    base.unet.to(unet_device)
+    return True
+
+
+def write_samples(config: Config, accelerator, base, unet, text_encoder, step: int, device) -> None:
+    from lora_offset import sample
+
+    t = config.training
+    vae_device = base.vae.device
+    te_device = text_encoder.device
+    base.vae.to(device)
+    text_encoder.to(device)
+    was_training = unet.training
+    unet_model = accelerator.unwrap_model(unet)
+    te_model = accelerator.unwrap_model(text_encoder)
+    unet_model.eval()
+    te_model.eval()
+    pipe = sample.build_pipeline(unet_model, base.vae, te_model, base.tokenizer, base.scheduler_config,
+                                 prediction_type=config.model.prediction_type,
+                                 zero_terminal_snr=config.noise.zero_terminal_snr)
+    seeds = [t.seed + i for i in range(len(t.sample_prompts))]
+    size = config.dataset.resolution
+    images = sample.generate(pipe, t.sample_prompts, seeds, steps=t.sample_steps,
+                             guidance_scale=t.sample_guidance_scale, height=size, width=size)
+    sample.save_samples(images, Path(t.output_dir) / "samples", step, t.sample_prompts)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    if tracker is not None:
+        import numpy as np
+
+        for i, image in enumerate(images):
+            tracker.add_image(f"sample/{i}", np.asarray(image), global_step=step, dataformats="HWC")
+    unet_model.train(was_training)
+    te_model.train(config.network.train_text_encoder)
+    base.vae.to(vae_device)
+    text_encoder.to(te_device)

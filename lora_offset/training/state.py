@@ -1,0 +1,87 @@
+"""Resumable training state: everything needed to continue bit-identically, saved, found and loaded.
+
+A state file (`{output_dir}/state/state-{step:08d}.pt`, the last KEEP_STATES kept) holds the LoRA
+weights, the optimizer's and the lr schedule's state, every random generator and the step.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from lora_offset.errors import UserError
+from lora_offset.fileio import atomic_path
+
+STATE_DIR = "state"
+STATE_PREFIX = "state-"
+KEEP_STATES = 2
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def save_state(output_dir: Path, step: int, started_at: float, unet, text_encoder, optimizer, lr_scheduler,
+               generator, accelerator) -> Path:
+    """Everything needed to continue bit-identically: LoRA weights, optimizer, schedule, RNG, step."""
+    state = {
+        "step": step,
+        "started_at": started_at,
+        "unet_lora": lora_state(accelerator.unwrap_model(unet)),
+        "text_encoder_lora": lora_state(accelerator.unwrap_model(text_encoder)),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": list(random.getstate()[1]),
+    }
+    folder = output_dir / STATE_DIR
+    path = folder / f"{STATE_PREFIX}{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in sorted(folder.glob(f"{STATE_PREFIX}*.pt"))[:-KEEP_STATES]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def find_resume_state(resume: str, output_dir: Path) -> Path:
+    """`latest` (newest state in output_dir), a state folder, an output folder, or a state file."""
+    candidates = {"latest": output_dir / STATE_DIR}.get(resume, Path(resume))
+    if candidates.is_dir():
+        folder = candidates / STATE_DIR if (candidates / STATE_DIR).is_dir() else candidates
+        states = sorted(folder.glob(f"{STATE_PREFIX}*.pt"))
+        if not states:
+            raise UserError(f"--resume {resume}: no saved training state in {folder} "
+                            f"(states are written every training.save_state_every_steps steps)")
+        return states[-1]
+    if candidates.is_file():
+        return candidates
+    raise UserError(f"--resume {resume}: {candidates} does not exist")
+
+
+def load_state(path: Path, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator) -> tuple[int, float]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which
+        raise UserError(f"--resume: {path} is not a readable lora-offset training state ({type(e).__name__})") from None
+    for key, model in (("unet_lora", unet), ("text_encoder_lora", text_encoder)):
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        saved = state[key]
+        current = {n for n in params if "lora_" in n}
+        if set(saved) != current:
+            raise UserError(f"--resume: {path} was saved with a different network (rank, conv or text encoder "
+                            "settings differ from this config)")
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    return int(state["step"]), float(state["started_at"])
