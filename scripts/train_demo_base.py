@@ -1,4 +1,4 @@
-"""Train the demo's base model (lora_offset/demo_base.py) and write lora_offset/assets/demo_base.safetensors.
+"""Train the demo's base model (lora_offset/experiments/demo_base.py) and write lora_offset/assets/demo_base.safetensors.
 
     python scripts/train_demo_base.py [--vae-steps 400] [--vae-full-steps 500] [--unet-steps 1200] [--out PATH] [--work DIR]
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from lora_offset import demo_base as db  # noqa: E402
+from lora_offset.experiments import demo_base as db  # noqa: E402
 
 
 def main(argv=None) -> int:

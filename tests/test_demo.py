@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_offset import demo, demo_base
+from lora_offset.experiments import demo, demo_base
 from lora_offset.config import Config
 from lora_offset.errors import UserError
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from lora_offset.cli import main
 from lora_offset.errors import UserError
-from lora_offset.evaluate import (LoraSpec, SamplingSettings, brightness_stats, evaluate, image_grid, luminance,
+from lora_offset.experiments.evaluate import (LoraSpec, SamplingSettings, brightness_stats, evaluate, image_grid, luminance,
                                   luminance_histogram, parse_lora_spec, render_markdown, sampling_from_metadata,
                                   sampling_from_scheduler)
 
@@ -285,7 +285,7 @@ def test_text_encoder_lora_is_loaded(tiny_model_dir, tmp_path):
 
 
 def test_components_are_left_without_lora_layers(tiny_model_dir, lora_files, tmp_path):
-    from lora_offset.evaluate import _load_base
+    from lora_offset.experiments.evaluate import _load_base
     from lora_offset.training.networks import lora_module_names
 
     components = _load_base(str(tiny_model_dir), allow_pickle=False)
@@ -296,7 +296,7 @@ def test_components_are_left_without_lora_layers(tiny_model_dir, lora_files, tmp
 @pytest.mark.parametrize("level, unclamped", [(-1.0, 0.0), (-3.0, -1.0)])
 def test_black_decode_end_to_end(tiny_model_dir, tmp_path, level, unclamped):
     """Replace the VAE decode by a constant: the report must say exactly black."""
-    from lora_offset.evaluate import _load_base
+    from lora_offset.experiments.evaluate import _load_base
 
     components = _load_base(str(tiny_model_dir), allow_pickle=False)
     vae = components["vae"]

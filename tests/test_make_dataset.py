@@ -6,7 +6,7 @@ from PIL import Image
 
 from lora_offset.cli import main
 from lora_offset.errors import UserError
-from lora_offset.make_dataset import (make_solid, make_varied, parse_color, solid_image, varied_array,
+from lora_offset.experiments.make_dataset import (make_solid, make_varied, parse_color, solid_image, varied_array,
                                       varied_image)
 
 

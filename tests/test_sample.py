@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_offset.sample import (build_pipeline, eval_mode, generate, generate_decoded, sample_filename,
+from lora_offset.experiments.sample import (build_pipeline, eval_mode, generate, generate_decoded, sample_filename,
                                 save_samples, sampling_scheduler_config, to_pil, to_unit_range)
 from lora_offset.tiny import SD15_SCHEDULER_CONFIG
 

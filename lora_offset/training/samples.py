@@ -18,7 +18,7 @@ def generate_class_images(config: Config, base, device) -> bool:
     missing = [(s, k) for s, k in missing if k > 0]
     if not missing:
         return False
-    from lora_offset import sample
+    from lora_offset.experiments import sample
 
     unet_device = base.unet.device
     base.unet.to(device)
@@ -40,7 +40,7 @@ def generate_class_images(config: Config, base, device) -> bool:
 
 
 def write_samples(config: Config, accelerator, base, unet, text_encoder, step: int, device) -> None:
-    from lora_offset import sample
+    from lora_offset.experiments import sample
 
     t = config.training
     vae_device = base.vae.device

@@ -64,7 +64,7 @@ TEXT_ENCODER_CONFIG = dict(tiny.TINY_TEXT_ENCODER_CONFIG)
 
 def base_images(n: int, seed: int, size: int = IMAGE_SIZE) -> torch.Tensor:
     """n images of make_dataset.varied_array (dark to bright), as a float tensor (n, 3, size, size) in [-1, 1]."""
-    from lora_offset.make_dataset import varied_array
+    from lora_offset.experiments.make_dataset import varied_array
 
     rng = np.random.default_rng(seed)
     arr = np.stack([varied_array(rng, size) for _ in range(n)]).astype(np.float32)
@@ -202,7 +202,7 @@ def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
 # Shipping: one fp16 safetensors file <-> a diffusers folder
 
 WEIGHTS_NAME = "demo_base.safetensors"
-ASSETS_DIR = Path(__file__).parent / "assets"
+ASSETS_DIR = Path(__file__).parent.parent / "assets"
 
 
 def save_weights(components: dict, path: str | Path, record: dict | None = None) -> Path:

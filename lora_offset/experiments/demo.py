@@ -3,7 +3,7 @@
     lora-offset demo [--out DIR] [--quick]
 
 1. Expand the shipped base model (lora_offset/assets/demo_base.safetensors, made by
-   scripts/train_demo_base.py; see lora_offset/demo_base.py) into DIR/base-model.
+   scripts/train_demo_base.py; see lora_offset/experiments/demo_base.py) into DIR/base-model.
 2. Check the mechanism on the base model: its samples for "a photo" against the brightness of its
    training data, and with the starting noise's per-channel mean shifted to what a solid black /
    solid white image leaves in x_T.
@@ -11,7 +11,7 @@
    widely varying brightness ("a photo", prior preservation).
 4. Train the same LoRA budget three times with lora_offset.training.train: standard noise, offset noise
    0.1, zero terminal SNR with v-prediction.
-5. Evaluate base + the three LoRAs with lora_offset.evaluate; write DIR/report.md and
+5. Evaluate base + the three LoRAs with lora_offset.experiments.evaluate; write DIR/report.md and
    DIR/report.json.
 
 The protocol (steps, seeds, learning rate, prompts, sampler) is fixed in PROTOCOL below and was
@@ -70,7 +70,7 @@ CONDITIONS = {
     "ztsnr": {"noise": {"offset": 0.0, "zero_terminal_snr": True}, "prediction_type": "v_prediction"},
 }
 GOAL_OFFSET_MAX, GOAL_STANDARD_MIN = 0.10, 0.30
-RESOLUTION = 128  # lora_offset.demo_base.IMAGE_SIZE
+RESOLUTION = 128  # lora_offset.experiments.demo_base.IMAGE_SIZE
 
 log = logging.getLogger("lora_offset")
 
@@ -81,7 +81,7 @@ log = logging.getLogger("lora_offset")
 
 def write_dataset(folder: Path, protocol: dict) -> tuple[Path, Path]:
     """Instance (solid black) and class (varied) image folders; captions come from class_tokens."""
-    from lora_offset.make_dataset import make_solid, make_varied
+    from lora_offset.experiments.make_dataset import make_solid, make_varied
 
     instance, cls = folder / "instance", folder / "class"
     make_solid("black", protocol["instance_images"], RESOLUTION, instance)
@@ -117,7 +117,7 @@ def train_config(name: str, base_dir: Path, instance: Path, cls: Path, out: Path
 
 def image_luminance(decoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(per-image mean luminance of the clamped images, same unclamped) from raw decodes (N, 3, H, W) in [-1, 1]."""
-    from lora_offset.evaluate import luminance
+    from lora_offset.experiments.evaluate import luminance
 
     x = np.transpose(np.asarray(decoded, dtype=np.float64), (0, 2, 3, 1)) / 2 + 0.5
     return luminance(np.clip(x, 0, 1)).mean(axis=(1, 2)), luminance(x).mean(axis=(1, 2))
@@ -125,11 +125,11 @@ def image_luminance(decoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def data_brightness(n: int = 256, seed: int = 2) -> dict:
     """Brightness of the base model's training distribution (make_dataset.varied_array)."""
-    from lora_offset.make_dataset import varied_array
+    from lora_offset.experiments.make_dataset import varied_array
 
     rng = np.random.default_rng(seed)
     arr = np.stack([varied_array(rng, RESOLUTION) for _ in range(n)])
-    from lora_offset.evaluate import luminance
+    from lora_offset.experiments.evaluate import luminance
 
     means = luminance(arr).mean(axis=(1, 2))
     return _spread(means)
@@ -145,7 +145,7 @@ def latent_channel_means(vae, color: str) -> "torch.Tensor":
     """Per-channel spatial mean of the scaled latent of a solid image (what it leaves in x_T, times sqrt(abar_T))."""
     import torch
 
-    from lora_offset.make_dataset import solid_image
+    from lora_offset.experiments.make_dataset import solid_image
 
     px = torch.from_numpy(np.asarray(solid_image(color, RESOLUTION), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
     with torch.no_grad():
@@ -162,7 +162,7 @@ def base_noise_check(components: dict, n: int, steps: int, seed: int, guidance: 
     import torch
     from diffusers import DDPMScheduler
 
-    from lora_offset.sample import build_pipeline, eval_mode
+    from lora_offset.experiments.sample import build_pipeline, eval_mode
 
     sched_cfg = dict(components["scheduler"].config)
     abar_T = float(DDPMScheduler.from_config(sched_cfg).alphas_cumprod[-1])
@@ -196,9 +196,9 @@ def base_noise_check(components: dict, n: int, steps: int, seed: int, guidance: 
 
 
 def run_demo(out: Path, quick: bool = False, weights: Path | None = None) -> dict:
-    from lora_offset import demo_base
+    from lora_offset.experiments import demo_base
     from lora_offset.config import Config
-    from lora_offset.evaluate import evaluate
+    from lora_offset.experiments.evaluate import evaluate
     from lora_offset.training.train import train
 
     protocol = QUICK if quick else PROTOCOL

@@ -1,0 +1,1 @@
+"""Experiments and image tools: the demo, its base model, sampling, evaluation, synthetic datasets."""
