@@ -13,6 +13,8 @@ from lora_offset.cli import main
 from lora_offset.errors import UserError
 from lora_offset.formats import checkpoint, ldm
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from lora_offset.formats.reader import AdapterModule, read_adapter
+from lora_offset.lowrank import lora_delta
 from lora_offset.training.networks import text_encoder_lora_config, unet_lora_config
 from lora_offset.tools import merge
 
@@ -109,16 +111,10 @@ def test_merged_weight_equals_base_plus_lora_path(kind):
         down, up = torch.randn(r, n_in, k, k, generator=g), torch.randn(n_out, r, 1, 1, generator=g)
         apply = lambda t, weight: F.conv2d(t, weight, padding=k // 2)  # noqa: E731
         apply_up = F.conv2d  # lora_up is 1x1
-    delta = merge.lora_delta(merge.LoraModule(down, up, alpha), ratio)
+    delta = ratio * lora_delta(down, up, alpha / r)
     assert delta.dtype == torch.float32 and delta.shape == w.shape
     expected = apply(x, w.double()) + ratio * (alpha / r) * apply_up(apply(x, down.double()), up.double())
     torch.testing.assert_close(apply(x, (w + delta).double()), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_missing_alpha_means_scale_one():
-    down, up = torch.ones(2, 3), torch.ones(4, 2)
-    assert torch.equal(merge.lora_delta(merge.LoraModule(down, up, None), 1.0), torch.full((4, 3), 2.0))
-    assert torch.equal(merge.lora_delta(merge.LoraModule(down, up, 1.0), 1.0), torch.full((4, 3), 1.0))
 
 
 def test_parse_lora_argument():
@@ -130,26 +126,34 @@ def test_parse_lora_argument():
 
 def test_merge_into_state_dict_rejects_unmatched_and_mismatched_keys():
     base = {"w": torch.zeros(4, 3)}
-    good = {"lora_unet_x": merge.LoraModule(torch.ones(2, 3), torch.ones(4, 2), 2.0)}
+    good = {"lora_unet_x": AdapterModule("unet", "x", torch.ones(2, 3), torch.ones(4, 2), 1.0, "alpha key")}
     extra = {f"lora_unet_missing_{i}": good["lora_unet_x"] for i in range(7)}
     with pytest.raises(UserError, match=r"7 LoRA modules match no weight") as e:
         merge.merge_into_state_dict(base, [("l.safetensors", {**good, **extra}, 1.0)], {"lora_unet_x": "w"})
     assert str(e.value).count("lora_unet_missing_") == 5
     assert torch.equal(base["w"], torch.zeros(4, 3))  # nothing applied
-    wrong = {"lora_unet_x": merge.LoraModule(torch.ones(2, 5), torch.ones(4, 2), 2.0)}
+    wrong = {"lora_unet_x": AdapterModule("unet", "x", torch.ones(2, 5), torch.ones(4, 2), 1.0, "alpha key")}
     with pytest.raises(UserError, match="lora_unet_x has shape"):
         merge.merge_into_state_dict(base, [("l.safetensors", wrong, 1.0)], {"lora_unet_x": "w"})
 
 
-def test_parse_kohya_lora_refuses_other_formats():
-    with pytest.raises(UserError, match=r"f.safetensors: 1 keys are not plain LoRA weights \(DoRA\)"):
-        merge.parse_kohya_lora({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1),
-                                "lora_unet_x.dora_scale": torch.ones(2)}, "f.safetensors")
-    with pytest.raises(UserError, match="lacks its lora_down or lora_up"):
-        merge.parse_kohya_lora({"lora_unet_x.lora_down.weight": torch.ones(1, 2)}, "f.safetensors")
-    modules = merge.parse_kohya_lora({"lora_te1_text_model_y.lora_A.weight": torch.ones(1, 2),
-                                      "lora_te1_text_model_y.lora_B.weight": torch.ones(2, 1)}, "f.safetensors")
-    assert list(modules) == ["lora_te_text_model_y"] and modules["lora_te_text_model_y"].alpha is None
+def test_lora_files_are_read_by_the_shared_reader(tmp_path):
+    """merge reads LoRAs with formats.reader: any kohya spelling; no alpha = scale 1.0; DoRA and
+    half modules are refused naming the file and the key."""
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    path = tmp_path / "f.safetensors"
+    save_file({f"{te}.lora_A.weight": torch.ones(1, 768), f"{te}.lora_B.weight": torch.ones(768, 1)}, str(path))
+    modules = read_adapter(path, "merge").modules
+    module = modules[("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj")]
+    assert module.kohya_key == "lora_te_text_model_encoder_layers_0_self_attn_q_proj" and module.scale == 1.0
+    unet = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{unet}.lora_down.weight": torch.ones(1, 320, 1, 1), f"{unet}.lora_up.weight": torch.ones(320, 1, 1, 1),
+               f"{unet}.dora_scale": torch.ones(320)}, str(path))
+    with pytest.raises(UserError, match=rf"merge: .*f.safetensors: '{unet}.dora_scale' is a DoRA magnitude"):
+        read_adapter(path, "merge")
+    save_file({f"{unet}.lora_down.weight": torch.ones(1, 320, 1, 1)}, str(path))
+    with pytest.raises(UserError, match="f.safetensors: module unet.down_blocks.0.attentions.0.proj_in has no lora_up"):
+        read_adapter(path, "merge")
 
 
 # ---------------------------------------------------------------------------------- files
@@ -249,7 +253,7 @@ def test_unmatched_lora_is_refused_and_nothing_is_written(base_file, tmp_path):
     save_file({"lora_unet_not_a_module.lora_down.weight": torch.ones(1, 2),
                "lora_unet_not_a_module.lora_up.weight": torch.ones(2, 1)}, str(lora))
     out = tmp_path / "merged.safetensors"
-    with pytest.raises(UserError, match="other.safetensors: lora_unet_not_a_module"):
+    with pytest.raises(UserError, match="other.safetensors: key 'lora_unet_not_a_module"):
         merge.merge_checkpoint(base_file, [(lora, 1.0)], out)
     assert not out.exists()
     xl = tmp_path / "xl.safetensors"

@@ -1,97 +1,25 @@
 """`lora-offset inspect FILE [--json]`: what is in an SD 1.x LoRA file and which loaders would use it.
 
 Reads the safetensors header (key names, shapes, dtypes, metadata) and only the tiny `.alpha`
-tensors, without torch, so it is fast on any file (the SD 1.5 module names the loader verdicts
-need come from a cache after the first run: lora_offset.formats.loaders.sd15_model_names). Understands kohya files (`lora_unet_`, `lora_te_`, `lora_te1_`,
-LDM-style names), diffusers/PEFT dotted files (`unet.…lora_A.weight`, `text_encoder.…`,
-`base_model.model.…`) and mixes of them. The loader verdicts come from lora_offset.formats.loaders, resolved
-against full-size SD 1.5 module names.
+tensors, without torch (lora_offset.formats.reader.read_header), so it is fast on any file (the
+SD 1.5 module names the loader verdicts need come from a cache after the first run:
+lora_offset.formats.loaders.sd15_model_names). Understands kohya files (`lora_unet_`, `lora_te_`,
+`lora_te1_`, LDM-style names), diffusers/PEFT dotted files (`unet.…lora_A.weight`,
+`text_encoder.…`, `base_model.model.…`) and mixes of them. The loader verdicts come from
+lora_offset.formats.loaders, resolved against full-size SD 1.5 module names.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import os
-import struct
-from dataclasses import dataclass
-from pathlib import Path
 
 from lora_offset.errors import UserError
 from lora_offset.formats.loaders import LOADER_TITLES
+from lora_offset.formats.reader import LoraHeader, adapter_configs, peft_scale, read_header, resolve_weights
 
 CONV_MARKERS = (".resnets.", ".downsamplers.", ".upsamplers.")  # conv LoRA ("LoCon") modules
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-
-
-@dataclass
-class LoraHeader:
-    """The parts of a .safetensors LoRA file that inspect needs (no weight tensors)."""
-
-    path: Path
-    size: int
-    metadata: dict[str, str]
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, str]
-    alphas: dict[str, float]  # key -> value of every "*.alpha" tensor
-
-
-_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
-
-
-def read_header(path: str | os.PathLike, what: str = "inspect") -> LoraHeader:
-    """Read a LoRA file's safetensors header and its alpha scalars; UserError naming the file otherwise.
-
-    Parses the format directly (8-byte little-endian header length, JSON header, then the data
-    section) so that neither torch nor the weights are loaded, and checks every tensor's byte range
-    lies inside the file, which catches truncated downloads.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what}: {path}: no such file")
-    size = path.stat().st_size
-    bad = f"{what}: {path} is not a readable .safetensors file"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise UserError(f"{bad} (only {size} bytes)")
-            n = struct.unpack("<Q", head)[0]
-            if n > min(size - 8, 100 * 2**20):
-                raise UserError(f"{bad} (header length {n} does not fit the {size}-byte file): not safetensors, or truncated")
-            header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            metadata = header.pop("__metadata__", None) or {}
-            data_size = size - 8 - n
-            shapes, dtypes, alphas = {}, {}, {}
-            for key, info in header.items():
-                start, end = info["data_offsets"]
-                if end > data_size:
-                    raise UserError(f"{bad}: tensor {key} ends at byte {end} of a {data_size}-byte data section; "
-                                    "the file is truncated: download or copy it again")
-                shapes[key] = tuple(int(d) for d in info["shape"])
-                dtypes[key] = str(info["dtype"])
-                if key.endswith(".alpha") and end > start:
-                    f.seek(8 + n + start)
-                    alphas[key] = _scalar(f.read(end - start), dtypes[key])
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise UserError(f"{bad} ({type(e).__name__}: {e})") from None
-    if not shapes:
-        raise UserError(f"{what}: {path} holds no tensors: not a LoRA file")
-    return LoraHeader(path, size, {str(k): str(v) for k, v in metadata.items()}, shapes, dtypes, alphas)
-
-
-def _scalar(data: bytes, dtype: str) -> float:
-    """First element of a little-endian tensor buffer as a float."""
-    if dtype == "BF16":  # the top half of an IEEE float32
-        return struct.unpack("<f", b"\x00\x00" + data[:2])[0]
-    fmt = _SCALAR_FORMATS.get(dtype)
-    if fmt is None:
-        raise ValueError(f"alpha stored as unsupported dtype {dtype}")
-    return float(struct.unpack_from(fmt, data)[0])
 
 
 def _counts(values) -> dict[str, int]:
@@ -114,9 +42,7 @@ def summarize(header: LoraHeader, names=None, peft_config: dict | None = None) -
         if p is not None:
             modules.setdefault((p.component, p.module), {})[p.role] = key
 
-    from lora_offset.tools.convert import adapter_configs, peft_scale
-
-    configs = adapter_configs(header.metadata, peft_config)  # diffusers' lora_adapter_metadata / PEFT config
+    configs = adapter_configs(header.metadata, peft_config, "inspect")  # diffusers' lora_adapter_metadata / PEFT config
     ranks, alphas, scales = [], [], []
     for (component, module), roles in modules.items():
         rank = header.shapes[roles["down"]][0] if "down" in roles else None
@@ -127,7 +53,7 @@ def summarize(header: LoraHeader, names=None, peft_config: dict | None = None) -
             scales.append(_number(alpha / rank) if rank else "?")
         elif rank and configs.get(component):
             try:  # dotted diffusers files keep alpha in the adapter metadata, not in keys
-                scale = peft_scale(configs[component], [module, module.removeprefix("text_model.")], rank, module)
+                scale = peft_scale(configs[component], [module, module.removeprefix("text_model.")], rank, module, "inspect")
                 alphas.append(f"{_number(scale * rank)} (adapter config)")
                 scales.append(_number(scale))
             except UserError:
@@ -241,8 +167,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lora_offset.tools.convert import resolve_weights
-
     path, peft_config = resolve_weights(args.file, "inspect")
     summary = summarize(read_header(path), peft_config=peft_config)
     print(json.dumps(summary, indent=2) if args.json else format_text(summary))

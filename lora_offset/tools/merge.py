@@ -1,4 +1,4 @@
-"""`lora-offset merge`: bake kohya-format LoRAs into an SD 1.x checkpoint.
+"""`lora-offset merge`: bake LoRAs into an SD 1.x checkpoint.
 
     lora-offset merge --base model.safetensors --lora a.safetensors:0.8 --lora b.safetensors:-0.3 --out merged.safetensors
 
@@ -7,6 +7,7 @@ on flattened weights, then reshaped to W's shape). BASE is a single-file LDM che
 diffusers folder; the output keeps BASE's layout. Tensors no LoRA touches are copied
 bit-identical and every tensor keeps its dtype, unless --precision casts all floating tensors.
 A LoRA key that matches no module of BASE stops the merge: a half-applied LoRA is worse than none.
+LoRA files are read by lora_offset.formats.reader: kohya files in any spelling, diffusers and PEFT files.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -25,77 +25,30 @@ import torch
 
 from lora_offset.errors import UserError
 from lora_offset.formats import checkpoint, ldm
-from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name, split_key
+from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from lora_offset.formats.reader import AdapterModule, read_adapter
+from lora_offset.lowrank import lora_delta
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "lora_offset.merged_loras"
-# Alternative spellings that every web UI accepts for the same thing.
-PREFIX_ALIASES = {"lora_te1_": "lora_te_"}
-SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_WEIGHTS = Path("text_encoder") / "model.safetensors"
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
-    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
-    alpha: float | None  # None: scale 1.0, as every loader does
 
 
 # --------------------------------------------------------------------------------------------
 # Pure merge math
 
 
-def lora_delta(module: LoraModule, ratio: float) -> torch.Tensor:
-    """ratio * (alpha / r) * up @ down in fp32, shaped [out, in, *kernel] (or [out, in] for Linear)."""
-    down = module.down.float()
-    up = module.up.float()
-    rank = down.shape[0]
-    scale = 1.0 if module.alpha is None else module.alpha / rank
-    delta = up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)
-    return (ratio * scale) * delta.reshape(up.shape[0], *down.shape[1:])
-
-
-def parse_kohya_lora(state: Mapping[str, torch.Tensor], name: str) -> dict[str, LoraModule]:
-    """{kohya module key: LoraModule} of a kohya-format LoRA state dict; UserError on anything else."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, tensor in state.items():
-        module, suffix = split_key(key)
-        suffix = SUFFIX_ALIASES.get(suffix, suffix)
-        for alias, prefix in PREFIX_ALIASES.items():
-            if module.startswith(alias):
-                module = prefix + module[len(alias):]
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            unknown.append(key)
-            continue
-        parts.setdefault(module, {})[suffix] = tensor
-    if unknown:
-        kind = " (DoRA)" if any("dora_scale" in k for k in unknown) else ""
-        raise UserError(f"{name}: {len(unknown)} keys are not plain LoRA weights{kind} and cannot be merged, "
-                        f"e.g. {', '.join(unknown[:5])}")
-    modules = {}
-    for module, p in parts.items():
-        if "lora_down.weight" not in p or "lora_up.weight" not in p:
-            raise UserError(f"{name}: module {module} lacks its lora_down or lora_up weight")
-        alpha = p.get("alpha")
-        modules[module] = LoraModule(p["lora_down.weight"], p["lora_up.weight"], None if alpha is None else float(alpha))
-    if not modules:
-        raise UserError(f"{name}: has no LoRA weights (no *.lora_down.weight keys)")
-    return modules
-
-
 def merge_into_state_dict(
     base: dict[str, torch.Tensor],
-    loras: Sequence[tuple[str, Mapping[str, LoraModule], float]],
+    loras: Sequence[tuple[str, Mapping[str, AdapterModule], float]],
     targets: Mapping[str, str],
     precision: torch.dtype | None = None,
 ) -> set[str]:
     """Merge LoRAs into `base` in place; return the keys of the tensors changed.
 
-    `loras` holds (name, modules, ratio); `targets` maps each kohya module key to the key of
-    its weight in `base`. Touched tensors are summed in fp32 and cast back to their own dtype
+    `loras` holds (name, {kohya module key: module}, ratio); `targets` maps each kohya module key to
+    the key of its weight in `base`. Touched tensors are summed in fp32 and cast back to their own dtype
     (or to `precision`); with `precision`, every other floating tensor is cast too, else left as is.
     """
     unmatched = [f"{name}: {m}" for name, modules, _ in loras for m in modules if m not in targets]
@@ -107,7 +60,7 @@ def merge_into_state_dict(
         for module_key, module in modules.items():
             weight_key = targets[module_key]
             weight = base[weight_key]
-            delta = lora_delta(module, ratio)
+            delta = ratio * lora_delta(module.down, module.up, module.scale)
             if delta.numel() != weight.numel():
                 raise UserError(f"{name}: {module_key} has shape {tuple(delta.shape)} but the base weight "
                                 f"{weight_key} is {tuple(weight.shape)}: the LoRA was trained on another model")
@@ -183,13 +136,12 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
     parsed = []
     record = []
     for path, ratio in loras:
-        path = Path(path)
-        state = checkpoint.read_state_dict(path, allow_pickle=allow_pickle)
-        if any(k.startswith("lora_te2_") for k in state):
-            raise UserError(f"{path}: is an SDXL LoRA (lora_te2_ keys); lora-offset merges SD 1.x LoRAs only")
-        parsed.append((path.name, parse_kohya_lora(state, str(path)), float(ratio)))
+        adapter = read_adapter(path, "merge", allow_pickle=allow_pickle)
+        path = adapter.path
+        modules = {m.kohya_key: m for m in adapter.modules.values()}
+        parsed.append((path.name, modules, float(ratio)))
         entry = {"file": path.name, "sha256": file_sha256(path), "ratio": float(ratio)}
-        model_hash = checkpoint.read_metadata(path).get("sshs_model_hash")
+        model_hash = adapter.metadata.get("sshs_model_hash")
         if model_hash:
             entry["sshs_model_hash"] = model_hash
         record.append(entry)
@@ -282,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="PATH",
                         help="SD 1.x base model: single-file LDM checkpoint (.safetensors; .ckpt with --allow-pickle) or diffusers folder")
     parser.add_argument("--lora", required=True, action="append", metavar="FILE[:RATIO]",
-                        help="kohya-format LoRA file and its ratio (default 1.0); repeat to merge several")
+                        help="LoRA file (kohya, diffusers or PEFT) and its ratio (default 1.0); repeat to merge several")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="output: a .safetensors file for a single-file base, a new folder for a diffusers base")
     parser.add_argument("--precision", choices=sorted(PRECISIONS),
