@@ -326,3 +326,20 @@ def test_merge_keeps_the_base_files_own_names(base_file, adapted, tmp_path):
     got, expected = load_file(str(tmp_path / "old-merged.safetensors")), load_file(str(tmp_path / "merged.safetensors"))
     assert set(got) == {rename(k) for k in expected}
     assert all(torch.equal(got[rename(k)], v) for k, v in expected.items())
+
+
+def test_merge_reads_diffusers_files_too(base_file, adapted, tmp_path):
+    """The same LoRA as a dotted diffusers file (no alpha: the scale sits in lora_B) merges the same."""
+    kohya = read_adapter(adapted["files"]["a"], "merge")
+    dotted = {}
+    for m in kohya.modules.values():
+        dotted[f"{m.component}.{m.path}.lora_A.weight"] = m.down.contiguous()
+        dotted[f"{m.component}.{m.path}.lora_B.weight"] = (m.up * m.scale).contiguous()
+    diffusers_file = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(dotted, str(diffusers_file))
+    merge.merge_checkpoint(base_file, [(diffusers_file, 0.7)], tmp_path / "from-diffusers.safetensors")
+    merge.merge_checkpoint(base_file, [(adapted["files"]["a"], 0.7)], tmp_path / "from-kohya.safetensors")
+    got, expected = load_file(str(tmp_path / "from-diffusers.safetensors")), load_file(str(tmp_path / "from-kohya.safetensors"))
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
