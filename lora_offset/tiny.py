@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lora_offset.formats.clip_tokenizer import bytes_to_unicode
+
 # SD 1.5's scheduler (the training schedule every SD 1.x LoRA is trained under).
 SD15_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
@@ -63,19 +65,6 @@ TINY_TEXT_ENCODER_CONFIG = {
     "hidden_act": "quick_gelu",
     "projection_dim": 32,
 }
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable unicode character table (GPT-2 byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def write_tiny_tokenizer(folder: str | Path, vocab_size: int | None = None) -> Path:

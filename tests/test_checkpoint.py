@@ -177,19 +177,27 @@ def test_config_that_does_not_match_the_file_is_a_user_error(tiny_ldm_file):
         checkpoint.load_single_file(tiny_ldm_file)  # SD 1.5's full-size configs
 
 
-def test_tokenizer_comes_from_the_option_the_config_dir_or_the_local_cache(tiny_model_dir, tiny_ldm_file, tmp_path, monkeypatch):
+def test_tokenizer_comes_from_the_option_the_config_dir_clip_or_the_local_cache(tiny_model_dir, tiny_ldm_file, tmp_path, monkeypatch):
     import huggingface_hub.constants
+
+    from lora_offset.formats import clip_tokenizer
 
     cache = tmp_path / "hub-cache"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     config_dir = tmp_path / "configs"  # configs only: no tokenizer/, no weights
     shutil.copytree(tiny_model_dir, config_dir, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
-    with pytest.raises(UserError, match=r'model\.tokenizer = "<folder>"'):
+    # No folder given: SD 1.x's CLIP tokenizer is built, and its 49408 tokens do not fit the tiny model.
+    with pytest.raises(UserError, match=r"tiny\.safetensors: the tokenizer has 49408 tokens but the text encoder "
+                                        r".* has 514; set model\.tokenizer"):
         checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir)
     with pytest.raises(UserError, match="no vocab.json and merges.txt"):
         checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer=tmp_path)
     components = checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer=tiny_model_dir / "tokenizer")
     assert len(components["tokenizer"]) == 514
+    # Without open-clip-torch: the local Hugging Face cache, else one error naming both ways out.
+    monkeypatch.setattr(clip_tokenizer, "find_clip_bpe_file", lambda: None)
+    with pytest.raises(UserError, match=r'pip install --no-deps "open-clip-torch==3\.3\.0"\) or set model\.tokenizer = "<folder>"'):
+        checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir)
     # A Hugging Face cache entry for openai/clip-vit-large-patch14 (here: the tiny tokenizer's files).
     repo = cache / "models--openai--clip-vit-large-patch14"
     (repo / "refs").mkdir(parents=True)
@@ -197,6 +205,31 @@ def test_tokenizer_comes_from_the_option_the_config_dir_or_the_local_cache(tiny_
     shutil.copytree(tiny_model_dir / "tokenizer", repo / "snapshots" / ("0" * 40))
     components = checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir)
     assert len(components["tokenizer"]) == 514
+
+
+def test_single_file_needs_no_tokenizer_folder(tiny_model_dir, tmp_path):
+    """A file whose text encoder has CLIP ViT-L/14's vocabulary (as every SD 1.x file) loads with no tokenizer folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config_dir = tmp_path / "configs"
+    shutil.copytree(tiny_model_dir, config_dir, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
+    te_config = json.loads((config_dir / "text_encoder" / "config.json").read_text())
+    te_config.update(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    (config_dir / "text_encoder" / "config.json").write_text(json.dumps(te_config))
+    components = load_folder_components(tiny_model_dir)
+    torch.manual_seed(0)
+    components["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+    path = ldm.save_ldm_checkpoint(components, tmp_path / "model.safetensors")
+
+    loaded = checkpoint.load_single_file(path, config_dir=config_dir)
+    tokenizer = loaded["tokenizer"]
+    assert type(tokenizer).__name__ == "CLIPTokenizer" and len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+    ids = tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    # openai/clip-vit-large-patch14's ids: <|startoftext|> a photo of sks dog <|endoftext|>, padded with <|endoftext|>
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 48136, 1929, 49407]
+    assert (ids[0, 7:] == 49407).all()
+    with torch.no_grad():
+        assert loaded["text_encoder"](ids)[0].shape == (1, 77, te_config["hidden_size"])
 
 
 # ---------------------------------------------------------------------------------- families

@@ -139,8 +139,8 @@ def load_single_file(path: str | Path, *, allow_pickle: bool = False, config_dir
 
     `config_dir` is a diffusers-layout folder with unet/, vae/, text_encoder/ and scheduler/
     configs (default: SD 1.5's, shipped with the package). The tokenizer comes from the folder
-    `tokenizer` (config `model.tokenizer`), else `config_dir/tokenizer`, else the local
-    Hugging Face cache of openai/clip-vit-large-patch14.
+    `tokenizer` (config `model.tokenizer`), else `config_dir/tokenizer`, else it is SD 1.x's CLIP
+    ViT-L/14 tokenizer built from open_clip's BPE file (formats/clip_tokenizer.py).
     Nothing is downloaded. Weights are converted with diffusers' own single-file converters.
     `torch_dtype` casts floating tensors (None keeps the file's dtypes).
     """
@@ -180,11 +180,16 @@ def load_single_file(path: str | Path, *, allow_pickle: bool = False, config_dir
     for name, (model, weights) in converted.items():
         _load_converted(model, weights, path, name, config_dir, torch_dtype)
 
+    loaded_tokenizer = load_tokenizer(config_dir, tokenizer)
+    if len(loaded_tokenizer) != text_encoder.config.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {len(loaded_tokenizer)} tokens but the text encoder "
+                        f"(config {config_dir / 'text_encoder'}) has {text_encoder.config.vocab_size}; "
+                        'set model.tokenizer = "<folder>" to the tokenizer this model was trained with')
     return {
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
-        "tokenizer": load_tokenizer(config_dir, tokenizer),
+        "tokenizer": loaded_tokenizer,
         "scheduler": load_scheduler(config_dir),
     }
 
@@ -237,13 +242,17 @@ def _load_converted(model: torch.nn.Module, weights: Mapping[str, torch.Tensor],
 
 
 def load_tokenizer(config_dir: str | Path, tokenizer_dir: str | Path | None = None):
-    """CLIP tokenizer from `tokenizer_dir`, else `config_dir/tokenizer`, else the local HF cache of CLIP ViT-L/14.
+    """CLIP tokenizer from `tokenizer_dir`, else `config_dir/tokenizer`, else SD 1.x's CLIP ViT-L/14 tokenizer.
 
-    Never downloads: SD 1.x needs CLIP ViT-L/14's tokenizer, which the package does not ship.
-    Every candidate folder must hold vocab.json and merges.txt: transformers 5 quietly builds a
-    2-token tokenizer from a folder without them.
+    Never downloads. The last case builds openai/clip-vit-large-patch14's tokenizer from the BPE
+    file that open-clip-torch ships (`clip_tokenizer.build_clip_tokenizer`), or when that package
+    is missing takes the tokenizer from the local Hugging Face cache. Every candidate folder must
+    hold vocab.json and merges.txt: transformers 5 quietly builds a 2-token tokenizer from a
+    folder without them.
     """
     from transformers import CLIPTokenizer
+
+    from lora_offset.formats import clip_tokenizer
 
     if tokenizer_dir is not None:
         folder = Path(tokenizer_dir)
@@ -253,12 +262,16 @@ def load_tokenizer(config_dir: str | Path, tokenizer_dir: str | Path | None = No
     folder = Path(config_dir) / "tokenizer"
     if _has_tokenizer_files(folder):
         return CLIPTokenizer.from_pretrained(str(folder))
+    if clip_tokenizer.find_clip_bpe_file() is not None:
+        return clip_tokenizer.build_clip_tokenizer()
     cached = _cached_clip_tokenizer_folder()
     if cached is not None:
         return CLIPTokenizer.from_pretrained(str(cached))
     raise UserError(
-        f"no CLIP tokenizer: {folder} does not exist and {CLIP_TOKENIZER_REPO} is not in the local Hugging Face cache; "
-        'set model.tokenizer = "<folder>" to a folder with the SD 1.x tokenizer (vocab.json, merges.txt)'
+        f"no CLIP tokenizer: {folder} does not exist, open-clip-torch (whose BPE vocabulary builds SD 1.x's "
+        f"tokenizer) is not installed and {CLIP_TOKENIZER_REPO} is not in the local Hugging Face cache; "
+        f"install it ({clip_tokenizer.OPEN_CLIP_INSTALL}) or set model.tokenizer = \"<folder>\" "
+        "to a folder with the SD 1.x tokenizer (vocab.json, merges.txt)"
     )
 
 
