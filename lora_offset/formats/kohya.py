@@ -303,6 +303,31 @@ def ss_metadata(
     return metadata
 
 
+def derived_metadata(source: Mapping[str, str], *, output_name: str, network_dim: int | str,
+                     network_alpha: float | str, comment: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Metadata of a LoRA made from other files (convert, resize, merge, extract).
+
+    Keeps the source's `ss_*` and `modelspec.*` fields (its training record; not its hashes: save_lora
+    computes new ones) and replaces those that describe this file. `comment` goes in front of the
+    source's `ss_training_comment`, as kohya's resize_lora.py does.
+    """
+    def number(x) -> str:
+        return x if isinstance(x, str) else str(int(x)) if float(x).is_integer() else repr(float(x))
+
+    carried = {k: v for k, v in source.items() if k.startswith(("ss_", "modelspec.")) and k != "modelspec.hash_sha256"}
+    previous = carried.get("ss_training_comment")
+    metadata = {"ss_base_model_version": "sd_v1", "ss_v2": "False", **carried,
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": number(network_dim),
+                "ss_network_alpha": number(network_alpha),
+                "ss_output_name": output_name,
+                "ss_training_comment": f"{comment}; {previous}" if previous and previous != "None" else comment,
+                "modelspec.architecture": "stable-diffusion-v1/lora",
+                "modelspec.title": output_name}
+    metadata.update(extra or {})
+    return metadata
+
+
 # --------------------------------------------------------------------------------------------
 # Hashes (pure functions on bytes)
 # --------------------------------------------------------------------------------------------

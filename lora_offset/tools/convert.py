@@ -50,23 +50,14 @@ def convert_modules(adapter: AdapterFile) -> tuple[dict, dict]:
     return out, summary
 
 
-def conversion_metadata(summary: dict, output_name: str, source_name: str) -> dict[str, str]:
-    def number(x: float) -> str:
-        return str(int(x)) if float(x).is_integer() else repr(float(x))
+def conversion_metadata(summary: dict, output_name: str, source_name: str, source_metadata: dict) -> dict[str, str]:
+    from lora_offset.formats.kohya import derived_metadata
 
     styles = ", ".join(f"{s} ({n})" for s, n in sorted(summary["input_key_styles"].items()))
     scales = ", ".join(f"{s} ({n})" for s, n in sorted(summary["scale_from"].items()))
-    return {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(summary["network_dim"]),
-        "ss_network_alpha": number(summary["network_alpha"]),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
-        "ss_output_name": output_name,
-        "ss_training_comment": f"converted by lora-offset from {source_name}: keys {styles}; scale from {scales}",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.title": output_name,
-    }
+    return derived_metadata(source_metadata, output_name=output_name, network_dim=summary["network_dim"],
+                            network_alpha=summary["network_alpha"],
+                            comment=f"converted by lora-offset from {source_name}: keys {styles}; scale from {scales}")
 
 
 def convert_file(src: str | Path, dst: str | Path, precision: str | None = None) -> dict:
@@ -81,7 +72,7 @@ def convert_file(src: str | Path, dst: str | Path, precision: str | None = None)
         raise UserError(f"convert: output {dst} must end in .safetensors")
     state, summary = convert_modules(adapter)
     precision = precision or precision_of(adapter)
-    save_lora(dst, state, conversion_metadata(summary, dst.stem, adapter.path.name), precision=precision)
+    save_lora(dst, state, conversion_metadata(summary, dst.stem, adapter.path.name, adapter.metadata), precision=precision)
     summary["precision"] = precision
     return summary
 
