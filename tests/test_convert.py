@@ -156,10 +156,13 @@ def test_mixed_spellings_are_renamed_and_kohya_alphas_kept(tmp_path):
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(768, 2),
     }
     src = tmp_path / "mixed.safetensors"
-    safetensors.torch.save_file(tensors, str(src))
+    safetensors.torch.save_file(tensors, str(src), metadata={"ss_steps": "700", "ss_output_name": "mixed",
+                                                             "sshs_model_hash": "stale"})
     dst = tmp_path / "out.safetensors"
     summary = convert_file(src, dst, precision="fp32")
     out = safetensors.torch.load_file(str(dst))
+    meta = safetensors.safe_open(str(dst), "pt").metadata()  # the training record is kept, the hashes are new
+    assert meta["ss_steps"] == "700" and meta["ss_output_name"] == "out" and meta["sshs_model_hash"] != "stale"
     assert set(out) == {f"{m}.{s}" for m in ("lora_unet_down_blocks_0_attentions_0_proj_in",
                                               "lora_unet_down_blocks_0_attentions_0_proj_out",
                                               "lora_te_" + q.replace(".", "_"))
