@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lora_offset.training.train", "train a LoRA from a TOML config"),
     "inspect": ("lora_offset.tools.inspect", "show a LoRA file's metadata, modules, rank/alpha and loader compatibility"),
-    "merge": ("lora_offset.tools.merge", "merge LoRAs into an SD 1.x checkpoint"),
+    "merge": ("lora_offset.tools.merge", "merge LoRAs into an SD 1.x checkpoint, or into one LoRA"),
     "convert": ("lora_offset.tools.convert", "convert a diffusers/PEFT SD 1.x LoRA to kohya format"),
     "resize": ("lora_offset.tools.resize", "shrink a LoRA's rank by SVD (fixed, or per module as kohya's resize_lora.py)"),
     "eval": ("lora_offset.experiments.evaluate", "generate images and write a brightness report"),

@@ -90,3 +90,14 @@ def dynamic_rank(singular_values: Sequence[float] | torch.Tensor, method: str, p
         count = int(torch.searchsorted(torch.cumsum(s2, 0) / s2.sum(), torch.tensor(float(param) ** 2, dtype=torch.float64))) + 1
     count = max(1, min(count, s.numel() - 1))
     return min(count + 1, max_rank)
+
+
+def concat(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) with up @ down = sum of weight * up_i @ down_i over `parts` = (down_i, up_i, weight_i).
+
+    Exact: the ranks add up (the factors are stacked), and each weight (ratio * scale, sign included)
+    goes into its up_i. All downs must have the same trailing shape [in] or [in, kh, kw].
+    """
+    downs = [down.float() for down, _, _ in parts]
+    ups = [(weight * up.double()).float() for _, up, weight in parts]
+    return torch.cat(downs, dim=0), torch.cat(ups, dim=1)

@@ -385,6 +385,13 @@ def save_lora(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata
     return Path(path)
 
 
+def precision_of(dtypes) -> str:
+    """The save precision ("fp16", "bf16", "fp32") of tensors of these torch dtypes; fp32 when they mix."""
+    names = {dtype: name for name, dtype in PRECISIONS.items()}
+    found = {names.get(dtype, "fp32") for dtype in dtypes}
+    return found.pop() if len(found) == 1 else "fp32"
+
+
 def _compensate_alpha_rounding(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype
                                ) -> dict[str, torch.Tensor]:
     state = dict(state_dict)

@@ -62,7 +62,7 @@ def conversion_metadata(summary: dict, output_name: str, source_name: str, sourc
 
 def convert_file(src: str | Path, dst: str | Path, precision: str | None = None) -> dict:
     """Convert IN to a kohya LoRA at OUT (atomic write). Returns the conversion summary."""
-    from lora_offset.formats.kohya import save_lora
+    from lora_offset.formats.kohya import precision_of, save_lora
 
     adapter = read_adapter(src, "convert")
     dst = Path(dst)
@@ -71,17 +71,10 @@ def convert_file(src: str | Path, dst: str | Path, precision: str | None = None)
     if dst.suffix != ".safetensors":
         raise UserError(f"convert: output {dst} must end in .safetensors")
     state, summary = convert_modules(adapter)
-    precision = precision or precision_of(adapter)
+    precision = precision or precision_of(adapter.dtypes)
     save_lora(dst, state, conversion_metadata(summary, dst.stem, adapter.path.name, adapter.metadata), precision=precision)
     summary["precision"] = precision
     return summary
-
-
-def precision_of(adapter: AdapterFile) -> str:
-    """The save precision matching the input's tensors (fp32 when it mixes several)."""
-    by_torch = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-    found = {by_torch.get(str(dtype).removeprefix("torch."), "fp32") for dtype in adapter.dtypes}
-    return found.pop() if len(found) == 1 else "fp32"
 
 
 def add_arguments(parser) -> None:

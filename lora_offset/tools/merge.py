@@ -1,4 +1,4 @@
-"""`lora-offset merge`: bake LoRAs into an SD 1.x checkpoint.
+"""`lora-offset merge`: bake LoRAs into an SD 1.x checkpoint (or, without --base, into one LoRA: merge_loras.py).
 
     lora-offset merge --base model.safetensors --lora a.safetensors:0.8 --lora b.safetensors:-0.3 --out merged.safetensors
 
@@ -231,21 +231,43 @@ def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, metavar="PATH",
-                        help="SD 1.x base model: single-file LDM checkpoint (.safetensors; .ckpt with --allow-pickle) or diffusers folder")
+    parser.add_argument("--base", metavar="PATH",
+                        help="SD 1.x base model: single-file LDM checkpoint (.safetensors; .ckpt with --allow-pickle) or "
+                        "diffusers folder; without --base the LoRAs are merged into one LoRA file")
     parser.add_argument("--lora", required=True, action="append", metavar="FILE[:RATIO]",
                         help="LoRA file (kohya, diffusers or PEFT) and its ratio (default 1.0); repeat to merge several")
     parser.add_argument("--out", required=True, metavar="PATH",
-                        help="output: a .safetensors file for a single-file base, a new folder for a diffusers base")
+                        help="output: a .safetensors file for a single-file base or without --base, "
+                        "a new folder for a diffusers base")
     parser.add_argument("--precision", choices=sorted(PRECISIONS),
-                        help="cast every floating tensor to this dtype (default: keep each tensor's dtype)")
+                        help="with --base: cast every floating tensor to this dtype (default: keep each tensor's dtype); "
+                        "without: the LoRA's precision (default: the inputs')")
+    parser.add_argument("--concat", action="store_true",
+                        help="without --base: stack the LoRAs' ranks, an exact merge (the default)")
+    parser.add_argument("--rank", type=int, help="without --base: the best rank-R approximation of the sum (SVD)")
+    parser.add_argument("--conv-rank", type=int, help="without --base, with --rank: the rank of 3x3 convolution modules")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .ckpt/.pt inputs (loaded with torch.load(weights_only=True)); only for files you trust")
 
 
 def run(args: argparse.Namespace) -> int:
     loras = [parse_lora_argument(value) for value in args.lora]
-    touched = merge_checkpoint(args.base, loras, args.out, precision=args.precision, allow_pickle=args.allow_pickle)
     names = ", ".join(f"{p.name}:{r:g}" for p, r in loras)
+    if args.base is None:
+        from lora_offset.tools.merge_loras import merge_lora_files
+
+        if args.concat and args.rank is not None:
+            raise UserError("merge: --concat and --rank exclude each other: --concat is exact, --rank R truncates by SVD")
+        summary = merge_lora_files(loras, args.out, rank=args.rank, conv_rank=args.conv_rank, precision=args.precision,
+                                   allow_pickle=args.allow_pickle)
+        ranks = ", ".join(str(r) for r in sorted(summary["ranks"]))
+        print(f"merged {names} into one LoRA, {summary['how']}: {summary['modules']} modules, rank {ranks}; "
+              f"wrote {args.out}")
+        return 0
+    for flag, value in (("--concat", args.concat), ("--rank", args.rank), ("--conv-rank", args.conv_rank)):
+        if value:
+            raise UserError(f"merge: {flag} applies to merging LoRAs into one LoRA (without --base); "
+                            "with --base every LoRA is added to the weights in full")
+    touched = merge_checkpoint(args.base, loras, args.out, precision=args.precision, allow_pickle=args.allow_pickle)
     print(f"merged {names} into {len(touched)} weights; wrote {args.out}")
     return 0

@@ -99,8 +99,7 @@ def resize_file(src: str | Path, dst: str | Path, *, rank: int | None = None, co
                 method: str | None = None, param: float | None = None, precision: str | None = None
                 ) -> list[Resized]:
     """Resize the LoRA file IN into OUT (atomic write); return the resized modules."""
-    from lora_offset.formats.kohya import derived_metadata, save_lora, uniform_alpha_tensors
-    from lora_offset.tools.convert import precision_of
+    from lora_offset.formats.kohya import derived_metadata, precision_of, save_lora, uniform_alpha_tensors
 
     check_settings(rank, conv_rank, method, param)
     adapter = read_adapter(src, "resize")
@@ -124,7 +123,7 @@ def resize_file(src: str | Path, dst: str | Path, *, rank: int | None = None, co
                                 network_dim=dims if len(ranks) > 1 or method else ranks.pop(),
                                 network_alpha=file_alpha, comment=comment,
                                 extra={"lora_offset.resize": json.dumps(settings)})
-    save_lora(dst, state, metadata, precision=precision or precision_of(adapter))
+    save_lora(dst, state, metadata, precision=precision or precision_of(adapter.dtypes))
     return resized
 
 
