@@ -16,6 +16,7 @@ import difflib
 import logging
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,9 @@ class TrainingConfig:
     save_every_steps: int = 0  # 0 = save the adapter only at the end
     save_state_every_steps: int = 100  # resumable training state (the last 2 kept); 0 = never
     sample_every_steps: int = 0  # 0 = no sample images
-    sample_prompts: list[str] = field(default_factory=list)
+    # prompts (kohya prompt lines: "a dog --n blurry --w 768 --d 3"), or a kohya prompt file (.txt, .toml, .json)
+    sample_prompts: str | list[str] = field(default_factory=list)
+    sample_sampler: str = "ddim"  # kohya's names: ddim, euler, euler_a, dpmsolver++, dpm++_2m_karras, pndm, lms, heun, ...
     sample_steps: int = 20
     sample_guidance_scale: float = 7.5
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -271,9 +274,21 @@ def _suggest(key: str, valid, prefix: str = "") -> str:
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union and type(None) in args:  # Optional[X]
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X]
         inner = next(a for a in args if a is not type(None))
         return _coerce(value, inner, key, source)
+    if origin in (typing.Union, types.UnionType):  # X | Y: the first type the value is
+        list_arms = [a for a in args if typing.get_origin(a) is list]
+        if isinstance(value, list) and list_arms:
+            return _coerce(value, list_arms[0], key, source)  # its items' errors name the item
+        for arm in args:
+            try:
+                return _coerce(value, arm, key, source)
+            except UserError:
+                continue
+        names = " or ".join(f"an array of {_hint_name(typing.get_args(a)[0])}s" if typing.get_origin(a) is list
+                            else f"a {_hint_name(a)}" for a in args)
+        raise UserError(f"{source}: {key} must be {names}, got {_type_name(value)} {value!r}")
     if origin is Literal:
         if value not in args:
             choices = " | ".join(repr(a) for a in args)
@@ -352,6 +367,7 @@ def _validate(config: Config, source: str) -> None:
     require(t.sample_every_steps == 0 or bool(t.sample_prompts),
             "training.sample_every_steps is set but training.sample_prompts is empty: add prompts or set it to 0")
     _check_scheduler_name(t.lr_scheduler, source)
+    _check_sample_settings(config, source)
     for key in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         value = getattr(d, key)
         # SD 1.x: the VAE divides by 8 and the UNet halves the latent three times.
@@ -383,6 +399,26 @@ def _check_scheduler_name(name: str, source: str) -> None:
     names = [s.value for s in SchedulerType]
     if name not in names:
         raise UserError(f"{source}: training.lr_scheduler {name!r} is not a scheduler{_suggest(name, names)}")
+
+
+def _check_sample_settings(config: Config, source: str) -> None:
+    """training.sample_sampler and the sample prompts (a prompt file is read here: errors come before loading)."""
+    from lora_offset.experiments.sample import SAMPLERS, sampler_supports_zero_terminal_snr
+    from lora_offset.formats.sample_prompts import prompts_from_config
+
+    t, ztsnr = config.training, config.noise.zero_terminal_snr
+
+    def check(sampler: str, where: str) -> None:
+        if sampler not in SAMPLERS:
+            raise UserError(f"{where}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{_suggest(sampler, SAMPLERS)}")
+        if ztsnr and not sampler_supports_zero_terminal_snr(sampler):
+            usable = ", ".join(n for n in SAMPLERS if sampler_supports_zero_terminal_snr(n))
+            raise UserError(f"{where}: sampler {sampler!r} cannot sample with noise.zero_terminal_snr = true; use one of {usable}")
+
+    check(t.sample_sampler, f"{source}: training.sample_sampler")
+    for prompt in prompts_from_config(t.sample_prompts, source):
+        if prompt.sampler is not None:
+            check(prompt.sampler, prompt.where)
 
 
 def _resolve_kohya_folders(d: DatasetConfig, source: str) -> None:

@@ -58,7 +58,10 @@ def test_unknown_section_and_subset_key(tmp_path):
     ("learning_rate = true", "training.learning_rate must be a number, got a boolean True"),
     ('gradient_checkpointing = "yes"', "training.gradient_checkpointing must be a boolean (true or false), got a string 'yes'"),
     ('mixed_precision = "fp8"', "training.mixed_precision must be one of 'no' | 'fp16' | 'bf16', got 'fp8'"),
-    ('sample_prompts = "a dog"', "training.sample_prompts must be an array of strings, got a string"),
+    ('sample_prompts = "a dog"', "training.sample_prompts: a dog: a sample-prompt file must end in .txt, .toml or .json "
+                                 "(kohya's formats)"),
+    ("sample_prompts = 3", "training.sample_prompts must be a string or an array of strings, got an integer 3"),
+    ('sample_prompts = ["a", 3]', "training.sample_prompts[1] must be a string, got an integer 3"),
     ("max_steps = -5", "training.max_steps must be >= 1, got -5"),
     ("max_steps = 0", "training.max_steps must be >= 1, got 0"),
 ])
@@ -165,3 +168,25 @@ def test_any_training_value_is_accepted_or_rejected_with_a_user_error(key, value
         assert "\n" not in str(e) and f"training.{key}" in str(e)
     else:
         assert getattr(config.training, key) == value
+
+
+def test_sample_sampler_and_prompt_file_are_checked_before_training(tmp_path):
+    path = write(tmp_path, MINIMAL + '\n[training]\nsample_sampler = "euler_A"\n')
+    assert error_of(load_config, path) == (f"{path}: training.sample_sampler: sampler 'euler_A' is not one of "
+                                           "ddim, pndm, lms, k_lms, euler, k_euler, euler_a, k_euler_a, heun, dpm_2, "
+                                           "k_dpm_2, dpm_2_a, k_dpm_2_a, dpmsolver, dpmsolver++, dpm++_2m_karras, "
+                                           "dpmsingle; did you mean 'euler_a'?")
+    ztsnr = "\n[noise]\nzero_terminal_snr = true\n"
+    text = MINIMAL.replace('pretrained = "some/model"', 'pretrained = "some/model"\nprediction_type = "v_prediction"')
+    path = write(tmp_path, text + ztsnr + '[training]\nsample_sampler = "pndm"\n')
+    assert error_of(load_config, path) == (
+        f"{path}: training.sample_sampler: sampler 'pndm' cannot sample with noise.zero_terminal_snr = true; use one of "
+        "ddim, euler, k_euler, euler_a, k_euler_a, dpmsolver, dpmsolver++, dpm++_2m_karras")
+    prompts = write(tmp_path, "a dog --ss heun\n", name="prompts.txt")
+    path = write(tmp_path, text + ztsnr + f'[training]\nsample_prompts = "{prompts}"\n')
+    assert error_of(load_config, path) == (f"{prompts} line 1: sampler 'heun' cannot sample with "
+                                           "noise.zero_terminal_snr = true; use one of ddim, euler, k_euler, euler_a, "
+                                           "k_euler_a, dpmsolver, dpmsolver++, dpm++_2m_karras")
+    prompts.write_text("a dog --w 96 --ss euler\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.training.sample_prompts == str(prompts) and config.training.sample_sampler == "ddim"

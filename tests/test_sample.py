@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_offset.experiments.sample import (build_pipeline, eval_mode, generate, generate_decoded, sample_filename,
-                                save_samples, sampling_scheduler_config, to_pil, to_unit_range)
+from lora_offset.experiments.sample import (SAMPLERS, build_pipeline, eval_mode, generate, generate_decoded,
+                                            sample_filename, sampler_supports_zero_terminal_snr, sampling_scheduler,
+                                            sampling_scheduler_config, save_samples, to_pil, to_unit_range)
 from lora_offset.tiny import SD15_SCHEDULER_CONFIG
 
 FAST = dict(steps=2, height=64, width=64)
@@ -45,6 +46,55 @@ def test_build_pipeline_schedulers(tiny_components):
     assert z.scheduler.config.prediction_type == "v_prediction"
     # The models are shared, not copied.
     assert z.unet is tiny_components["unet"] and z.text_encoder is tiny_components["text_encoder"]
+
+
+KOHYA_SAMPLERS = {  # kohya's --sample_sampler choices -> diffusers class (train_util.get_my_scheduler)
+    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler", "k_lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler", "k_euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "k_euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler", "dpm_2": "KDPM2DiscreteScheduler", "k_dpm_2": "KDPM2DiscreteScheduler",
+    "dpm_2_a": "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler", "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpmsingle": "DPMSolverSinglestepScheduler",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_keeps_the_training_schedule(name):
+    cfg = dict(SD15_SCHEDULER_CONFIG)
+    scheduler = sampling_scheduler(cfg, name, prediction_type="v_prediction")
+    assert type(scheduler).__name__ == (KOHYA_SAMPLERS.get(name) or "DPMSolverMultistepScheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert (scheduler.config.beta_start, scheduler.config.beta_end, scheduler.config.beta_schedule) == (
+        0.00085, 0.012, "scaled_linear")
+    if sampler_supports_zero_terminal_snr(name):
+        z = sampling_scheduler(cfg, name, prediction_type="v_prediction", zero_terminal_snr=True)
+        assert z.config.rescale_betas_zero_snr is True and z.config.timestep_spacing == "trailing"
+    else:
+        with pytest.raises(ValueError, match=f"sampler '{name}' cannot sample a zero-terminal-SNR model; use one of ddim, "):
+            sampling_scheduler(cfg, name, zero_terminal_snr=True)
+
+
+def test_sampler_names_are_kohyas_plus_karras():
+    assert set(SAMPLERS) == set(KOHYA_SAMPLERS) | {"dpm++_2m_karras"}
+    dpm = sampling_scheduler(dict(SD15_SCHEDULER_CONFIG), "dpmsolver++")
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2 and not dpm.config.use_karras_sigmas
+    karras = sampling_scheduler(dict(SD15_SCHEDULER_CONFIG), "dpm++_2m_karras")
+    assert karras.config.algorithm_type == "dpmsolver++" and karras.config.use_karras_sigmas
+    assert {n for n in SAMPLERS if sampler_supports_zero_terminal_snr(n)} == {
+        "ddim", "euler", "k_euler", "euler_a", "k_euler_a", "dpmsolver", "dpmsolver++", "dpm++_2m_karras"}
+    with pytest.raises(ValueError, match="unknown sampler 'dpm3'"):
+        sampling_scheduler(dict(SD15_SCHEDULER_CONFIG), "dpm3")
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpmsolver++", "dpm++_2m_karras", "pndm", "lms", "heun",
+                                  "dpm_2_a"])
+def test_each_sampler_generates_deterministically_per_seed(tiny_components, name):
+    pipe = _pipe(tiny_components, sampler=name)
+    a = generate_decoded(pipe, ["a", "b"], [0, 1], steps=3, height=64, width=64)
+    b = generate_decoded(pipe, ["a", "b"], [0, 1], steps=3, height=64, width=64)
+    assert torch.isfinite(a).all() and torch.equal(a, b)  # ancestral ones too: their step noise is seeded
+    assert (a[0] - a[1]).abs().max() > 1e-4
 
 
 def test_generate_is_deterministic_per_seed(tiny_components):

@@ -343,3 +343,45 @@ def test_v_prediction_zero_terminal_snr_min_snr_and_pyramid_noise_train_and_are_
     assert meta["ss_steps"] == "2"
     assert all(torch.isfinite(t).all() for t in tensors.values())
     assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in tensors.items())
+
+
+def test_kohya_prompt_file_sets_each_samples_size_seed_steps_guidance_negative_and_sampler(tmp_path, tiny_model_dir,
+                                                                                           images):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "# kohya sample prompts\n"
+        "sks dog --n blurry, lowres --w 64 --h 96 --d 7 --l 5.5 --s 2\n"
+        "\n"
+        "sks dog --n blurry, lowres --w 64 --h 96 --d 7 --l 5.5 --s 2\n"
+        "a cat --W 96 --H 64 --d 8 --s 3 --l 1 --ss euler_a\n"
+        "dog\n"
+        "sks dog --n blurry, lowres --w 64 --h 96 --d 9 --l 5.5 --s 2\n", encoding="utf-8")
+    config = write_config(tmp_path, tiny_model_dir, images, training={
+        "max_steps": 1, "sample_every_steps": 1, "sample_prompts": str(prompts), "sample_sampler": "dpmsolver++",
+        "sample_steps": 2})
+    assert main(["train", "--config", str(config)]) == 0
+    samples = sorted((tmp_path / "out" / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step000000001_00_sks-dog.png", "step000000001_01_sks-dog.png",
+                                         "step000000001_02_a-cat.png", "step000000001_03_dog.png",
+                                         "step000000001_04_sks-dog.png"]
+    pixels = [np.asarray(Image.open(p)) for p in samples]
+    assert [Image.open(p).size for p in samples] == [(64, 96), (64, 96), (96, 64), (64, 64), (64, 96)]
+    assert np.array_equal(pixels[0], pixels[1])  # same prompt, seed and settings: the same image
+    assert not np.array_equal(pixels[0], pixels[4])  # only the seed differs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Tags()["images"]) == 5
+
+
+def test_bad_prompt_file_line_stops_before_training(tmp_path, tiny_model_dir, images, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --w 64\na cat --ss euler_b\n", encoding="utf-8")
+    config = write_config(tmp_path, tiny_model_dir, images, training={
+        "sample_every_steps": 1, "sample_prompts": str(prompts)})
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{prompts} line 2: sampler 'euler_b' is not one of ddim, pndm" in err
+    assert not (tmp_path / "out").exists()

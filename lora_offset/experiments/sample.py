@@ -24,7 +24,7 @@ ZTSNR_GUIDANCE_RESCALE = 0.7  # Lin et al. 2023, section 3.4
 
 def sampling_scheduler_config(scheduler_config: dict, *, prediction_type: str = "epsilon",
                               zero_terminal_snr: bool = False) -> dict:
-    """The DDIM config to sample with, derived from the training scheduler config (pure)."""
+    """The scheduler config to sample with, derived from the training scheduler config (pure)."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
@@ -35,19 +35,72 @@ def sampling_scheduler_config(scheduler_config: dict, *, prediction_type: str = 
     return config
 
 
+# kohya sd-scripts' sampler names (`--sample_sampler`, a prompt's `--ss`) -> diffusers scheduler and
+# its arguments, as kohya's `get_my_scheduler` maps them; plus "dpm++_2m_karras" (the name kohya's
+# docs use): DPM-Solver++ 2M with Karras sigmas. "dpmsolver++" is DPM-Solver++ 2M (order 2).
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "k_lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "k_euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    # diffusers 0.42 refuses algorithm_type "dpmsolver" with its default final_sigmas_type "zero"
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+
+
+def sampler_supports_zero_terminal_snr(name: str) -> bool:
+    """Whether the sampler's diffusers scheduler can use a zero-terminal-SNR schedule."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, SAMPLERS[name][0])
+    return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters
+
+
+def sampling_scheduler(scheduler_config: dict, sampler: str = "ddim", *, prediction_type: str = "epsilon",
+                       zero_terminal_snr: bool = False):
+    """The diffusers scheduler of a kohya sampler name, built from the training scheduler's config.
+
+    Built from the training config, so the betas, the prediction type and a zero-terminal-SNR
+    schedule (rescaled betas, trailing timesteps) are the ones the model was trained with.
+    """
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; samplers: {', '.join(SAMPLERS)}")
+    if zero_terminal_snr and not sampler_supports_zero_terminal_snr(sampler):
+        raise ValueError(f"sampler {sampler!r} cannot sample a zero-terminal-SNR model; use one of "
+                         f"{', '.join(n for n in SAMPLERS if sampler_supports_zero_terminal_snr(n))}")
+    class_name, arguments = SAMPLERS[sampler]
+    config = sampling_scheduler_config(scheduler_config, prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr)
+    return getattr(diffusers, class_name).from_config({**config, **arguments})
+
+
 def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, *,
-                   prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+                   prediction_type: str = "epsilon", zero_terminal_snr: bool = False, sampler: str = "ddim"):
     """A StableDiffusionPipeline around the given (possibly LoRA'd, possibly training) models.
 
-    No safety checker. The scheduler is DDIM made from the training scheduler's config; the models
-    are used as they are (no copy, no dtype or mode change: `generate` switches to eval mode only
-    while it runs).
+    No safety checker. The scheduler is `sampler`'s (default DDIM) made from the training
+    scheduler's config (`sampling_scheduler`); the models are used as they are (no copy, no dtype
+    or mode change: `generate` switches to eval mode only while it runs).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    scheduler = DDIMScheduler.from_config(
-        sampling_scheduler_config(scheduler_config, prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr)
-    )
+    scheduler = sampling_scheduler(scheduler_config, sampler, prediction_type=prediction_type,
+                                   zero_terminal_snr=zero_terminal_snr)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -122,6 +175,7 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
                 guidance_scale=guidance_scale,
                 guidance_rescale=guidance_rescale,
                 latents=latents,
+                generator=generators,  # ancestral samplers (euler_a, dpm_2_a) draw per-step noise from it
                 output_type="latent",
             ).images
             image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from lora_offset.config import Config
+from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_path
 from lora_offset.training.data.scan import missing_class_images
 
@@ -39,10 +40,27 @@ def generate_class_images(config: Config, base, device) -> bool:
     return True
 
 
+def sample_prompts(config: Config) -> list:
+    """The sample prompts with every setting filled in (`training.sample_*`, `dataset.resolution`).
+
+    A prompt file is read again at each sampling, as kohya does, so it can be edited during training.
+    """
+    from lora_offset.formats.sample_prompts import prompts_from_config, resolve
+
+    t, size = config.training, config.dataset.resolution
+    return resolve(prompts_from_config(t.sample_prompts, "config"), width=size, height=size, seed=t.seed,
+                   steps=t.sample_steps, guidance_scale=t.sample_guidance_scale, sampler=t.sample_sampler)
+
+
 def write_samples(config: Config, accelerator, base, unet, text_encoder, step: int, device) -> None:
     from lora_offset.experiments import sample
 
     t = config.training
+    try:
+        prompts = sample_prompts(config)
+    except UserError as e:  # the prompt file was edited into an error during training: train on
+        log.warning("no sample images at step %d: %s", step, e)
+        return
     vae_device = base.vae.device
     te_device = text_encoder.device
     base.vae.to(device)
@@ -55,11 +73,14 @@ def write_samples(config: Config, accelerator, base, unet, text_encoder, step: i
     pipe = sample.build_pipeline(unet_model, base.vae, te_model, base.tokenizer, base.scheduler_config,
                                  prediction_type=config.model.prediction_type,
                                  zero_terminal_snr=config.noise.zero_terminal_snr)
-    seeds = [t.seed + i for i in range(len(t.sample_prompts))]
-    size = config.dataset.resolution
-    images = sample.generate(pipe, t.sample_prompts, seeds, steps=t.sample_steps,
-                             guidance_scale=t.sample_guidance_scale, height=size, width=size)
-    sample.save_samples(images, Path(t.output_dir) / "samples", step, t.sample_prompts)
+    images = []
+    for p in prompts:  # each prompt its own size, seed, steps, guidance, negative prompt and sampler
+        pipe.scheduler = sample.sampling_scheduler(base.scheduler_config, p.sampler,
+                                                   prediction_type=config.model.prediction_type,
+                                                   zero_terminal_snr=config.noise.zero_terminal_snr)
+        images += sample.generate(pipe, [p.prompt], [p.seed], steps=p.steps, guidance_scale=p.guidance_scale,
+                                  height=p.height, width=p.width, negative_prompt=p.negative_prompt)
+    sample.save_samples(images, Path(t.output_dir) / "samples", step, [p.prompt for p in prompts])
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     if tracker is not None:
         import numpy as np
