@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lora_offset.tools.inspect", "show a LoRA file's metadata, modules, rank/alpha and loader compatibility"),
     "merge": ("lora_offset.tools.merge", "merge LoRAs into an SD 1.x checkpoint, or into one LoRA"),
     "convert": ("lora_offset.tools.convert", "convert a diffusers/PEFT SD 1.x LoRA to kohya format"),
+    "extract": ("lora_offset.tools.extract", "extract a LoRA from the difference of two SD 1.x checkpoints"),
     "resize": ("lora_offset.tools.resize", "shrink a LoRA's rank by SVD (fixed, or per module as kohya's resize_lora.py)"),
     "eval": ("lora_offset.experiments.evaluate", "generate images and write a brightness report"),
     "make-dataset": ("lora_offset.experiments.make_dataset", "write a synthetic dataset (solid colours, ...)"),

@@ -101,3 +101,15 @@ def concat(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[t
     downs = [down.float() for down, _, _ in parts]
     ups = [(weight * up.double()).float() for _, up, weight in parts]
     return torch.cat(downs, dim=0), torch.cat(ups, dim=1)
+
+
+def clamp_to_quantile(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's extract_lora_from_models.py `--clamp_quantile`: with h the `quantile` of all values of
+    up and down together (linear interpolation, as torch.quantile, without its size limit), clamp
+    both to [-h, h]. It trims outliers at the cost of the SVD optimum."""
+    values = torch.cat([up.reshape(-1), down.reshape(-1)]).double().sort().values
+    position = quantile * (values.numel() - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, values.numel() - 1)
+    limit = float(values[low] + (position - low) * (values[high] - values[low]))
+    return up.clamp(-limit, limit), down.clamp(-limit, limit)

@@ -92,3 +92,23 @@ def test_frobenius_kept():
     assert lowrank.frobenius_kept(torch.tensor([3.0, 4.0]), 2) == 1.0
     assert lowrank.frobenius_kept(torch.zeros(3), 1) == 1.0
     assert lowrank.dropped_norm(torch.tensor([3.0, 4.0, 12.0]), 1) == pytest.approx(math.sqrt(16 + 144))
+
+
+def test_clamp_to_quantile_matches_torch_quantile():
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(30, 4, generator=g), 3 * torch.randn(4, 20, generator=g)
+    limit = float(torch.quantile(torch.cat([up.flatten(), down.flatten()]).double(), 0.9))
+    clamped_up, clamped_down = lowrank.clamp_to_quantile(up, down, 0.9)
+    assert float(torch.cat([clamped_up.flatten(), clamped_down.flatten()]).abs().max()) == pytest.approx(limit)
+    torch.testing.assert_close(clamped_up, up.clamp(-limit, limit))
+    torch.testing.assert_close(clamped_down, down.clamp(-limit, limit))
+    assert int((clamped_down != down).sum()) > 0  # down's larger values were cut
+
+
+def test_concat_sums_the_weighted_products():
+    g = torch.Generator().manual_seed(3)
+    parts = [(torch.randn(r, 5, 3, 3, generator=g), torch.randn(7, r, 1, 1, generator=g), w) for r, w in ((2, 0.5), (3, -1.5))]
+    down, up = lowrank.concat(parts)
+    assert down.shape == (5, 5, 3, 3) and up.shape == (7, 5, 1, 1)
+    expected = sum(lowrank.lora_delta(d, u, w) for d, u, w in parts)
+    torch.testing.assert_close(lowrank.lora_delta(down, up, 1.0), expected, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PICKLE_OPT_IN = "pass --allow-pickle (or set model.allow_pickle = true in the config)"
 
 CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
+# The weights of a diffusers folder that hold the models LoRAs change.
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_WEIGHTS = Path("text_encoder") / "model.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +128,42 @@ def require_sd1(keys: Iterable[str] | Mapping[str, object], path: str | Path) ->
 
 # --------------------------------------------------------------------------------------------
 # Loading a single file as diffusers components
+
+
+def ldm_map_of(state: Mapping[str, object], config_dir: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """{component: {diffusers key: LDM key}} for the UNet and text-encoder keys of an LDM state dict,
+    as diffusers' converters read that file (configs from `config_dir`, default SD 1.5's)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from lora_offset.formats.ldm import derive_ldm_map
+
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    return derive_ldm_map({k: v for k, v in state.items() if not k.startswith(LDM_VAE_PREFIX)},
+                          UNet2DConditionModel.load_config(config_dir / "unet"), AutoencoderKL.load_config(config_dir / "vae"))
+
+
+def read_model_weights(path: str | Path, *, allow_pickle: bool = False, what: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """{"unet": {diffusers key: tensor}, "text_encoder": {key: tensor}} of an SD 1.x model, read as stored.
+
+    `path` is a single-file LDM checkpoint or a diffusers folder. Text-encoder keys have no
+    `text_model.` level (transformers 5's CLIPTextModel names). Every problem is a UserError naming the path.
+    """
+    path = Path(path)
+    prefix = f"{what}: " if what else ""
+    if path.is_dir():
+        weights = {}
+        for component, relative in (("unet", UNET_WEIGHTS), ("text_encoder", TEXT_ENCODER_WEIGHTS)):
+            if not (path / relative).is_file():
+                raise UserError(f"{prefix}{path}: diffusers folder has no {relative} (unsharded .safetensors weights "
+                                "of the UNet and the text encoder are needed)")
+            weights[component] = {k.removeprefix("text_model."): v for k, v in read_state_dict(path / relative).items()}
+        return weights
+    if not path.is_file():
+        raise UserError(f"{prefix}{path}: no such file or folder")
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    require_sd1(state, path)
+    key_map = ldm_map_of(state)
+    return {component: {k: state[v] for k, v in key_map[component].items()} for component in ("unet", "text_encoder")}
 
 
 def default_config_dir() -> Path:

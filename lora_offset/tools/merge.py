@@ -24,15 +24,13 @@ from typing import Mapping, Sequence
 import torch
 
 from lora_offset.errors import UserError
-from lora_offset.formats import checkpoint, ldm
+from lora_offset.formats import checkpoint
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
 from lora_offset.formats.reader import AdapterModule, read_adapter
 from lora_offset.lowrank import lora_delta
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "lora_offset.merged_loras"
-UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
-TEXT_ENCODER_WEIGHTS = Path("text_encoder") / "model.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,19 +165,14 @@ def _output_metadata(base_metadata: Mapping[str, str], merge_metadata: Mapping[s
 
 
 def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict, allow_pickle: bool) -> set[str]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
 
     from lora_offset.fileio import atomic_write
 
     state = checkpoint.read_state_dict(base, allow_pickle=allow_pickle)
     checkpoint.require_sd1(state, base)
-    config_dir = checkpoint.default_config_dir()
     # The map is derived from this file's own keys, so the merge writes exactly the names it has.
-    key_map = ldm.derive_ldm_map(
-        {k: v for k, v in state.items() if not k.startswith(ldm.LDM_VAE_PREFIX)},
-        UNet2DConditionModel.load_config(config_dir / "unet"), AutoencoderKL.load_config(config_dir / "vae"),
-    )
+    key_map = checkpoint.ldm_map_of(state)
     touched = merge_into_state_dict(state, loras, kohya_targets(key_map["unet"], key_map["text_encoder"]), dtype)
     meta = _output_metadata(checkpoint.read_metadata(base), metadata)
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
@@ -191,7 +184,7 @@ def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict)
 
     from lora_offset.fileio import atomic_write
 
-    files = {"unet": base / UNET_WEIGHTS, "text_encoder": base / TEXT_ENCODER_WEIGHTS}
+    files = {"unet": base / checkpoint.UNET_WEIGHTS, "text_encoder": base / checkpoint.TEXT_ENCODER_WEIGHTS}
     for component, path in files.items():
         if not path.is_file():
             raise UserError(f"{base}: diffusers folder has no {path.relative_to(base)} "
