@@ -1,4 +1,4 @@
-"""Training benchmark: the real `lora-offset train` step on full-size SD 1.5, three profiles, one run.
+"""Training benchmark: the real `lora-offset train` step on full-size SD 1.5, five profiles, one run.
 
     python bench/train_bench.py --out bench-results            # CUDA GPU, full-size SD 1.5 at 512x512
     python bench/train_bench.py --tiny --out /tmp/bench-tiny   # CPU, tiny model at 64x64 (CI, < 1 min)
@@ -18,6 +18,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -51,6 +52,21 @@ PROFILES: dict[str, dict] = {
                      "cache_latents": True, "cache_text_embeddings": True, "torch_compile": False,
                      "channels_last": False, "allow_tf32": True},
     },
+    # consumer with the frozen UNet stored in fp8 / NF4 (model.base_precision): the same step, less memory.
+    "consumer-fp8": {
+        "description": "consumer with the frozen UNet stored as float8_e4m3fn (diffusers' layerwise casting), "
+                       "computing in fp16",
+        "batch_size": 1,
+        "model": {"base_precision": "fp8"},
+        "training": {},  # filled from consumer below
+    },
+    "consumer-nf4": {
+        "description": "consumer with the frozen UNet stored as bitsandbytes NF4 (QLoRA's 4-bit storage), "
+                       "computing in fp16",
+        "batch_size": 1,
+        "model": {"base_precision": "nf4"},
+        "training": {},
+    },
     "throughput": {
         "description": "fast on a big GPU: batch 8, bf16, no checkpointing, torch.compile(UNet), channels_last, "
                        "TF32, fused AdamW, cached latents and text embeddings",
@@ -69,6 +85,8 @@ PROFILES: dict[str, dict] = {
                      "channels_last": False, "allow_tf32": False},
     },
 }
+for _name in ("consumer-fp8", "consumer-nf4"):
+    PROFILES[_name]["training"] = dict(PROFILES["consumer"]["training"])
 BASELINE = "naive"
 RANK, ALPHA = 32, 16.0
 CAPTION = "a photo of sks"
@@ -165,7 +183,7 @@ def profile_config(name: str, spec: dict, image_dir: Path, output_dir: Path, res
     from lora_offset.config import Config
 
     return Config.from_dict({
-        "model": {"pretrained": "random-init SD 1.5 components (bench/train_bench.py)"},
+        "model": {"pretrained": "random-init SD 1.5 components (bench/train_bench.py)", **spec.get("model", {})},
         "network": {"rank": RANK, "alpha": ALPHA},
         "training": {"output_dir": str(output_dir), "output_name": f"bench-{name}", "max_steps": max_steps,
                      "learning_rate": 1e-4, "seed": 0, "save_precision": "fp16", **spec["training"]},
@@ -194,7 +212,25 @@ def flop_counter():
 
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = forward
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward
+    gemm_4bit = _bitsandbytes_gemm_4bit()
+    if gemm_4bit is not None:
+        # bitsandbytes' 4-bit matmul (NF4 Linear4bit forward) is its own op, which torch's counter does not
+        # know; its backward is a plain matmul on the dequantized weight and is counted already.
+        def gemm_4bit_flops(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs):
+            rows = math.prod(a_shape[:-1])
+            return 2 * rows * shape_b[0] * shape_b[1]
+
+        mapping[gemm_4bit] = gemm_4bit_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _bitsandbytes_gemm_4bit():
+    try:
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+        return torch.ops.bitsandbytes.gemm_4bit
+    except (ImportError, AttributeError):
+        return None
 
 
 class StepHooks:
@@ -253,6 +289,7 @@ class StepHooks:
 def run_profile(name: str, *, tiny: bool, image_dir: Path, work_dir: Path, resolution: int,
                 warmup: int, steps: int) -> dict:
     """Train profile `name` for warmup + steps + 1 steps (the last one counts FLOPs) and measure it."""
+    from lora_offset.training import base_precision
     from lora_offset.training.train import train
 
     spec, notes = profile_settings(name, tiny)
@@ -285,8 +322,11 @@ def run_profile(name: str, *, tiny: bool, image_dir: Path, work_dir: Path, resol
         "description": spec["description"],
         "settings": {"batch_size": batch, "resolution": resolution, "rank": RANK, "alpha": ALPHA,
                      **spec["training"],
+                     "base_precision": spec.get("model", {}).get("base_precision", "auto"),
                      "attention": sorted({type(p).__name__ for p in base.unet.attn_processors.values()}),
                      "weight_dtype": str(dtype).removeprefix("torch.")},
+        # the frozen UNet as train() stored it (base_precision), LoRA excluded
+        "frozen_unet_gb": base_precision.frozen_bytes(base.unet) / GB,
         "notes": notes,
         "warmup_steps": warmup,
         "timed_steps": len(times),
@@ -395,8 +435,8 @@ def ratios(results: dict[str, dict]) -> dict:
 
 
 def targets(results: dict[str, dict], ratio: dict) -> dict:
-    """Issue #7's targets (set for H100/H200): True/False when measured, None when not measurable here."""
-    c, t = results.get("consumer", {}), results.get("throughput", {})
+    """Issues #7 and #15's targets (set for H100/H200): True/False when measured, None when not measurable here."""
+    c, t, nf4 = results.get("consumer", {}), results.get("throughput", {}), results.get("consumer-nf4", {})
     mem_ratio = ratio.get(f"consumer/{BASELINE}", {}).get("peak_allocated")
 
     def check(value, ok):
@@ -406,6 +446,7 @@ def targets(results: dict[str, dict], ratio: dict) -> dict:
         "consumer peak allocated <= 3.5 GB": check(c.get("peak_allocated_gb"), lambda v: v <= 3.5),
         "consumer >= 5 it/s": check(c.get("it_per_s") if c.get("peak_allocated_gb") is not None else None,
                                     lambda v: v >= 5),
+        "consumer-nf4 peak allocated <= 1.5 GB": check(nf4.get("peak_allocated_gb"), lambda v: v <= 1.5),
         "throughput MFU >= 35 %": check(t.get("mfu"), lambda v: v >= 0.35),
         "consumer memory <= 0.4 x naive": check(mem_ratio, lambda v: v <= 0.4),
     }
@@ -426,28 +467,29 @@ def markdown(report: dict) -> str:
          else "MFU: not reported (no known dense bf16/fp16 peak for this device)."),
         f"Command: `{env['command']}`  ({env['date_utc']})",
         "",
-        "| profile | peak alloc GB | peak reserved GB | it/s | images/s | TFLOP/step | MFU | settings |",
-        "|---|---|---|---|---|---|---|---|",
+        "| profile | peak alloc GB | peak reserved GB | it/s | images/s | TFLOP/step | MFU | frozen UNet GB | settings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["profiles"].items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
             continue
         s = r["settings"]
         settings = (f"batch {s['batch_size']}, {s['resolution']}px, rank {s['rank']}, {s['mixed_precision']} "
-                    f"({s['weight_dtype']} weights), "
+                    f"({s['weight_dtype']} compute, base stored {s['base_precision']}), "
                     f"{s['optimizer']}, ckpt {s['gradient_checkpointing']}, latent cache {s['cache_latents']}, "
                     f"text cache {s['cache_text_embeddings']}, compile {s['torch_compile']}, "
                     f"channels_last {s['channels_last']}, tf32 {s['allow_tf32']}, {'/'.join(s['attention'])}")
         lines.append(
             f"| {name} | {_fmt(r['peak_allocated_gb'], '.2f')} | {_fmt(r['peak_reserved_gb'], '.2f')} | "
             f"{_fmt(r['it_per_s'], '.2f')} | {_fmt(r['images_per_s'], '.2f')} | "
-            f"{_fmt(r['flops_per_step'], '.3g', 1e-12)} | {_fmt(r['mfu'], '.1%')} | {settings} |")
+            f"{_fmt(r['flops_per_step'], '.3g', 1e-12)} | {_fmt(r['mfu'], '.1%')} | "
+            f"{_fmt(r.get('frozen_unet_gb'), '.3f')} | {settings} |")
     lines += ["", "Ratios against naive:", ""]
     for pair, values in report["ratios"].items():
         lines.append(f"- {pair}: " + ", ".join(f"{k} {'n/a' if v is None else format(v, '.2f') + 'x'}"
                                                for k, v in values.items()))
-    lines += ["", "Targets (issue #7, for H100/H200):", ""]
+    lines += ["", "Targets (issues #7 and #15, for H100/H200):", ""]
     for target, ok in report["targets"].items():
         lines.append(f"- {target}: {'not measured' if ok is None else ('met' if ok else 'NOT met')}")
     notes = [f"- {name}: {n}" for name, r in report["profiles"].items() for n in r.get("notes", [])]

@@ -35,6 +35,9 @@ class ModelConfig:
     config_dir: Optional[str] = None  # diffusers config folder for a single-file checkpoint (default: SD 1.5's)
     tokenizer: Optional[str] = None  # tokenizer folder for a single-file checkpoint
     vae: Optional[str] = None  # replacement VAE: diffusers folder or single file
+    # how the frozen UNet is stored while training (lora_offset/training/base_precision.py); the math runs in the
+    # training dtype either way. "auto": in the training dtype.
+    base_precision: Literal["auto", "fp16", "bf16", "fp32", "fp8", "nf4"] = "auto"
 
 
 @dataclass

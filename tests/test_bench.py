@@ -37,7 +37,7 @@ def tiny_report(tmp_path_factory):
 def test_tiny_report_has_every_profile_with_numeric_fields(tiny_report):
     out, report = tiny_report
     assert report["tiny"] is True
-    assert set(report["profiles"]) == {"consumer", "throughput", "naive"}
+    assert set(report["profiles"]) == {"consumer", "consumer-fp8", "consumer-nf4", "throughput", "naive"}
     for name, r in report["profiles"].items():
         for key in NUMERIC:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
@@ -51,7 +51,7 @@ def test_tiny_report_has_every_profile_with_numeric_fields(tiny_report):
     env = report["environment"]
     assert env["device"].startswith("CPU") and env["peak_tflops"] is None
     assert env["torch"] == torch.__version__ and env["command"].startswith("python bench/train_bench.py --tiny")
-    assert set(report["ratios"]) == {"consumer/naive", "throughput/naive"}
+    assert set(report["ratios"]) == {"consumer/naive", "consumer-fp8/naive", "consumer-nf4/naive", "throughput/naive"}
     assert report["ratios"]["throughput/naive"]["images_per_s"] > 0
     assert report["ratios"]["consumer/naive"]["peak_allocated"] is None
     assert all(v is None for v in report["targets"].values())
@@ -73,12 +73,30 @@ def test_tiny_profiles_run_the_settings_they_name(tiny_report):
     assert per_image < n["flops_per_step"] < 2 * per_image
 
 
+def test_tiny_quantized_profiles_store_the_unet_smaller_and_train_the_same_step(tiny_report):
+    _, report = tiny_report
+    c, fp8, nf4 = (report["profiles"][k] for k in ("consumer", "consumer-fp8", "consumer-nf4"))
+    assert (c["settings"]["base_precision"], fp8["settings"]["base_precision"], nf4["settings"]["base_precision"]) \
+        == ("auto", "fp8", "nf4")
+    for r in (fp8, nf4):  # everything else is the consumer profile's
+        assert {k: v for k, v in r["settings"].items() if k != "base_precision"} == \
+            {k: v for k, v in c["settings"].items() if k != "base_precision"}
+    # --tiny computes in fp32 (fp16 falls back on a CPU): fp8 is a quarter of that, NF4 about an eighth; the
+    # tiny UNet's norm layers (kept in fp32) are a larger share than in SD 1.5, hence the loose bounds.
+    assert fp8["frozen_unet_gb"] < 0.35 * c["frozen_unet_gb"]
+    assert nf4["frozen_unet_gb"] < 0.6 * fp8["frozen_unet_gb"]
+    # the same work per step: bitsandbytes' 4-bit matmul is counted too
+    assert fp8["flops_per_step"] == c["flops_per_step"]
+    assert 0.95 * c["flops_per_step"] < nf4["flops_per_step"] <= c["flops_per_step"]
+
+
 def test_tiny_markdown_table(tiny_report):
     out, _ = tiny_report
     md = (out / "bench.md").read_text(encoding="utf-8")
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| profile | peak alloc GB | peak reserved GB | it/s | images/s")
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["consumer", "throughput", "naive"]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["consumer", "consumer-fp8", "consumer-nf4", "throughput",
+                                                          "naive"]
     assert "- consumer/naive:" in md and "not measured" in md
 
 
@@ -116,7 +134,10 @@ def test_ratios_and_targets():
     assert r["throughput/naive"]["images_per_s"] == pytest.approx(4.0)
     t = bench.targets(results, r)
     assert t == {"consumer peak allocated <= 3.5 GB": True, "consumer >= 5 it/s": True,
+                 "consumer-nf4 peak allocated <= 1.5 GB": None,  # not in this run
                  "throughput MFU >= 35 %": False, "consumer memory <= 0.4 x naive": True}
+    results["consumer-nf4"] = {"peak_allocated_gb": 1.4, "peak_reserved_gb": 1.6, "it_per_s": 4.0, "images_per_s": 4.0}
+    assert bench.targets(results, r)["consumer-nf4 peak allocated <= 1.5 GB"] is True
     results["naive"] = {"profile": "naive", "error": "CUDA out of memory"}
     assert bench.ratios(results) == {}
 

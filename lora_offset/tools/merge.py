@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,7 +29,9 @@ from lora_offset.formats import checkpoint
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
 from lora_offset.formats.reader import AdapterModule, read_adapter
 from lora_offset.lowrank import lora_delta
+from lora_offset.training import base_precision
 
+log = logging.getLogger("lora_offset")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "lora_offset.merged_loras"
 
@@ -142,6 +145,10 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
         model_hash = adapter.metadata.get("sshs_model_hash")
         if model_hash:
             entry["sshs_model_hash"] = model_hash
+        quantized = base_precision.quantized_base(adapter.metadata)
+        if quantized:
+            entry["trained_on_base_precision"] = quantized
+            log.warning("%s", base_precision.merge_note(path.name, quantized))
         record.append(entry)
     # METADATA_KEY holds a list here: _output_metadata appends it to the base's own record.
     metadata = {"lora_offset.merge_precision": precision or "base", METADATA_KEY: record}

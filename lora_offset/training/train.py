@@ -24,7 +24,7 @@ import torch
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
 from lora_offset.formats import kohya
-from lora_offset.training import models, networks, noise
+from lora_offset.training import base_precision, models, networks, noise
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.dataset import build_dataset
 from lora_offset.training.optimizers import OPTIMIZER_CLASSES, make_optimizer
@@ -49,7 +49,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     accelerator = make_accelerator(t, output_dir)
     is_main = accelerator.is_main_process
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = compute_dtype(accelerator)
 
     # ---- cheap checks first: a typo must not cost a model load ------------------------------
     if is_main:
@@ -80,6 +80,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
 
     # ---- LoRA (fp32 weights) ----------------------------------------------------------------
     unet_params, te_params = add_networks(config, unet, text_encoder)
+    # The frozen UNet's storage (fp8, NF4, ...): after the LoRA exists (its layers stay fp32), before the GPU.
+    base_precision.apply(unet, config.model.base_precision, weight_dtype)
 
     # ---- caches: latents and (frozen encoder) text embeddings, then move the encoders off the GPU
     if t.cache_latents:
@@ -335,8 +337,14 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         mixed_precision=t.mixed_precision,
         prior_loss_weight=t.prior_loss_weight,
         base_model_name=config.model.pretrained,
+        extra=base_precision.metadata(config.model.base_precision, compute_dtype(accelerator)),
     )
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    """The dtype the frozen models compute in: accelerate's mixed precision (fp16 already fell back to "no" on a CPU)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def flat_hparams(config: Config) -> dict:
