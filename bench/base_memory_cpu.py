@@ -75,7 +75,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def measure(precision: str, steps: int, resolution: int, seed: int = 0) -> dict:
+def measure(precision: str, steps: int, resolution: int, checkpointing: bool = True, seed: int = 0) -> dict:
     """One configuration, in this process: build, store, train `steps` steps; memory and time."""
     import torch
 
@@ -101,7 +101,8 @@ def measure(precision: str, steps: int, resolution: int, seed: int = 0) -> dict:
     lora_bytes = sum(p.numel() * p.element_size() for p in params)
     rss_frozen_base = rss_bytes()
 
-    unet.enable_gradient_checkpointing()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=1e-2)
     side = resolution // 8
@@ -140,6 +141,7 @@ def measure(precision: str, steps: int, resolution: int, seed: int = 0) -> dict:
         "step_s": step_times,
         "loss": losses,
         "torch_threads": torch.get_num_threads(),
+        "gradient_checkpointing": checkpointing,
     }
 
 
@@ -175,8 +177,10 @@ def markdown(report: dict) -> str:
         f"{env['device']}; torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}, "
         f"bitsandbytes {env['bitsandbytes']}, Python {env['python']}; {env['date_utc']}.",
         f"Settings: UNet LoRA rank {s['rank']} / alpha {s['alpha']}, batch 1, {s['resolution']}x{s['resolution']}, "
-        f"gradient checkpointing, AdamW8bit, compute in fp32, {s['steps']} step(s), {s['threads']} torch thread(s), "
-        "one process per precision.",
+        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, AdamW8bit, compute in fp32, {s['steps']} step(s), {s['threads']} torch thread(s), "
+        "one process per precision, glibc malloc "
+        + (f"with MALLOC_MMAP_THRESHOLD_={s['malloc_mmap_threshold']}." if s.get("malloc_mmap_threshold")
+           else "with its default (dynamic) mmap threshold."),
         f"Command: `{env['command']}`",
         "",
         "| base_precision | stored as | frozen UNet bytes (GB) | vs fp16 | RSS, frozen base (GB) | "
@@ -203,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
+    p.add_argument("--mmap-threshold", type=int, metavar="BYTES",
+                   help="set glibc's MALLOC_MMAP_THRESHOLD_ in the measuring processes: allocations above it are "
+                        "mmapped and go back to the OS when freed, so RSS tracks live tensors instead of also "
+                        "holding glibc's cache (default: glibc's own, dynamic threshold)")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing in the training step (default: on, as the consumer profile)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: measure this precision, print JSON
     args = p.parse_args(argv)
 
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(measure(args.one, args.steps, args.resolution)), flush=True)
+        print("RESULT " + json.dumps(measure(args.one, args.steps, args.resolution, args.checkpointing)), flush=True)
         return 0
 
     if args.out is None:
@@ -225,13 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     report = {"environment": environment([Path(sys.argv[0]).as_posix() if not argv else "bench/base_memory_cpu.py",
                                           *argv]),
               "settings": {"rank": RANK, "alpha": ALPHA, "resolution": args.resolution, "steps": args.steps,
-                           "threads": args.threads, "batch_size": 1, "gradient_checkpointing": True,
-                           "optimizer": "AdamW8bit", "compute_dtype": "float32"},
+                           "threads": args.threads, "batch_size": 1, "gradient_checkpointing": args.checkpointing,
+                           "optimizer": "AdamW8bit", "compute_dtype": "float32",
+                           "malloc_mmap_threshold": args.mmap_threshold},
               "results": []}
     for precision in precisions:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", precision, "--steps", str(args.steps),
-               "--resolution", str(args.resolution), "--threads", str(args.threads)]
+               "--resolution", str(args.resolution), "--threads", str(args.threads),
+               "--checkpointing" if args.checkpointing else "--no-checkpointing"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if args.mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
         print(f"{precision}: measuring in a fresh process ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -243,3 +243,30 @@ def test_a_failing_profile_is_reported_and_the_others_still_run(tmp_path, monkey
     assert report["profiles"]["naive"]["it_per_s"] > 0
     assert report["ratios"] == {}
     assert "| consumer | error: RuntimeError" in (tmp_path / "bench.md").read_text(encoding="utf-8")
+
+
+def load_base_memory():
+    spec = importlib.util.spec_from_file_location("base_memory_cpu", SCRIPT.parent / "base_memory_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_base_memory_table_and_arguments(tmp_path):
+    """bench/base_memory_cpu.py's report (its full-size run takes minutes and GBs: docs/PERFORMANCE.md has one)."""
+    mem = load_base_memory()
+    row = {"storage": "x", "rss_frozen_base": 2e9, "rss_libraries": 0.5e9, "peak_rss_step": 4e9, "step_s": [80.0]}
+    report = {"environment": {"device": "CPU: test", "torch": "t", "diffusers": "d", "peft": "p", "bitsandbytes": "b",
+                              "python": "3", "date_utc": "now", "command": "python bench/base_memory_cpu.py --out x"},
+              "settings": {"rank": 32, "alpha": 16.0, "resolution": 512, "steps": 1, "threads": 1,
+                           "gradient_checkpointing": True, "malloc_mmap_threshold": None},
+              "results": [{**row, "precision": "fp16", "frozen_bytes": 1_719_442_568},
+                          {**row, "precision": "nf4", "frozen_bytes": 445_253_732},
+                          {"precision": "fp8", "error": "MemoryError"}]}
+    rows = [line for line in mem.markdown(report).splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| fp16 | x | 1.719 | 1.000x |")
+    assert rows[2].startswith("| nf4 | x | 0.445 | 0.259x |")
+    assert rows[3].startswith("| fp8 | error: MemoryError")
+    with pytest.raises(SystemExit):
+        mem.main(["--out", str(tmp_path), "--precisions", "fp8,int4"])
+    assert mem.rss_bytes() > 0 and mem.peak_rss_bytes() >= mem.rss_bytes()
