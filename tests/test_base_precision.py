@@ -116,6 +116,18 @@ def test_every_frozen_layer_is_stored_and_the_lora_is_not(tiny_components):
         base_precision.apply(unet, "int4", torch.float32)
 
 
+def test_layerwise_casting_without_checkpointing_warns(tiny_components, caplog):
+    unet = lora_unet(tiny_components)
+    with caplog.at_level(logging.WARNING, logger="lora_offset"):
+        base_precision.apply(copy.deepcopy(unet), "fp8", torch.float32)
+        assert "gradient_checkpointing = false" in caplog.text
+        caplog.clear()
+        unet.enable_gradient_checkpointing()
+        base_precision.apply(copy.deepcopy(unet), "fp8", torch.float32)
+        base_precision.apply(copy.deepcopy(unet), "nf4", torch.float32)
+        assert caplog.text == ""
+
+
 def test_auto_and_the_training_dtype_change_nothing(tiny_components):
     unet = lora_unet(tiny_components)
     before = {n: p.clone() for n, p in unet.state_dict().items()}

@@ -26,14 +26,23 @@ rounding: the metadata records it (see `metadata`) and `lora-offset merge` says 
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
 from torch import nn
 
+log = logging.getLogger("lora_offset")
+
 PRECISIONS = ("auto", "fp16", "bf16", "fp32", "fp8", "nf4")
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 QUANTIZED = ("fp8", "nf4")  # storage that changes the weights the LoRA trains against
+# Measured (docs/PERFORMANCE.md, SD 1.5 on CPU): fp8 storage without checkpointing peaked above fp32 storage.
+LAYERWISE_WITHOUT_CHECKPOINTING = (
+    "model.base_precision = %r with training.gradient_checkpointing = false: every layer's copy in the training "
+    "dtype stays alive until the backward pass, so the training step can need more memory than with no "
+    "base_precision at all; set gradient_checkpointing = true (or use \"nf4\", which re-reads its 4-bit weights "
+    "in the backward pass)")
 NF4_BLOCKSIZE = 64  # QLoRA's: one absmax per 64 weights, the absmax themselves 8-bit quantized in blocks of 256
 
 
@@ -49,6 +58,8 @@ def apply(unet: nn.Module, precision: str, compute_dtype: torch.dtype) -> None:
     else:
         # diffusers skips the norm layers and PEFT's LoRA layers by default.
         unet.enable_layerwise_casting(storage_dtype=STORAGE_DTYPES[precision], compute_dtype=compute_dtype)
+        if not getattr(unet, "is_gradient_checkpointing", True):
+            log.warning(LAYERWISE_WITHOUT_CHECKPOINTING, precision)
         for module in unet.modules():
             if isinstance(module, nn.Conv2d) and _has_layerwise_casting(module):
                 module._conv_forward = types.MethodType(_conv_forward_on_alias, module)
