@@ -48,6 +48,9 @@ class NetworkConfig:
     conv_rank: int = 0  # 0 = no conv LoRA ("LoCon")
     conv_alpha: float = 1.0
     dropout: float = 0.0
+    type: Literal["lora", "loha", "lokr"] = "lora"  # LoRA, or LyCORIS's LoHa / LoKr through PEFT
+    loha_rank: Optional[int] = None  # LoHa: rank of each Hadamard factor (PEFT LoHaConfig.r); None = rank
+    lokr_factor: int = -1  # LoKr: PEFT LoKrConfig.decompose_factor; -1 = split near the square root
 
 
 @dataclass
@@ -344,6 +347,15 @@ def _validate(config: Config, source: str) -> None:
     require(n.conv_rank >= 0, f"network.conv_rank must be >= 0 (0 = off), got {n.conv_rank}")
     require(n.conv_alpha > 0, f"network.conv_alpha must be > 0, got {n.conv_alpha}")
     require(0 <= n.dropout < 1, f"network.dropout must be in [0, 1), got {n.dropout}")
+    require(n.loha_rank is None or n.loha_rank >= 1, f"network.loha_rank must be >= 1, got {n.loha_rank}")
+    require(n.loha_rank is None or n.type == "loha",
+            f"network.loha_rank is the rank of a LoHa; it does nothing with network.type = {n.type!r}: remove it")
+    require(n.lokr_factor == -1 or n.lokr_factor >= 1,
+            f"network.lokr_factor must be -1 (split near the square root) or >= 1, got {n.lokr_factor}")
+    require(n.lokr_factor == -1 or n.type == "lokr",
+            f"network.lokr_factor shapes a LoKr; it does nothing with network.type = {n.type!r}: remove it")
+    require(n.dropout == 0 or n.type == "lora",
+            f"network.dropout is LoRA's dropout; PEFT's {n.type} has none of that kind: set it to 0")
     require(z.offset >= 0, f"noise.offset must be >= 0 (0 = standard noise), got {z.offset}")
     require(z.pyramid_iterations >= 0, f"noise.pyramid_iterations must be >= 0, got {z.pyramid_iterations}")
     require(0 < z.pyramid_discount <= 1, f"noise.pyramid_discount must be in (0, 1], got {z.pyramid_discount}")

@@ -1,7 +1,9 @@
 """The math of low-rank adapters, as pure functions on tensors: no files, no models.
 
 A LoRA module changes a weight W [out, in] (or a conv weight [out, in, kh, kw], flattened to
-[out, in*kh*kw]) by delta = scale * up @ down, with up [out, r] and down [r, in].
+[out, in*kh*kw]) by delta = scale * up @ down, with up [out, r] and down [r, in]. LyCORIS's LoHa
+uses the elementwise product of two such products, LoKr a Kronecker product (see loha_delta,
+lokr_delta; the scale each loader applies is the file format's business: formats/reader.py).
 
 Truncation is by SVD: by the Eckart–Young theorem the best rank-k approximation of a matrix in
 the Frobenius norm keeps its k largest singular values, and its error is the norm of the dropped
@@ -26,6 +28,47 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tens
     rank = down.shape[0]
     delta = up.float().reshape(up.shape[0], -1) @ down.float().reshape(rank, -1)
     return (scale * delta).reshape(up.shape[0], *down.shape[1:])
+
+
+def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # LyCORIS's CP/Tucker form (use_effective_conv2d): core [r, r, kh, kw], a [r, out], b [r, in]
+    # -> [out, in, kh, kw]; the contraction ComfyUI and PEFT (make_weight_cp) write out.
+    return torch.einsum("i j k l, i p, j r -> p r k l", core.double(), a.double(), b.double())
+
+
+def loha_delta(w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, scale: float,
+               t1: torch.Tensor | None = None, t2: torch.Tensor | None = None) -> torch.Tensor:
+    """LoHa: scale * (w1_a @ w1_b) * (w2_a @ w2_b) (elementwise), fp32.
+
+    Plain factors: w*_a [out, r], w*_b [r, in*kh*kw] (a 4-D w*_b is flattened); the result is
+    [out, in*kh*kw]. With Tucker cores t1, t2 [r, r, kh, kw] (then w*_a [r, out], w*_b [r, in]) it
+    is [out, in, kh, kw].
+    """
+    if t1 is not None:
+        m1, m2 = _tucker(t1, w1_a, w1_b), _tucker(t2, w2_a, w2_b)
+    else:
+        m1 = w1_a.double().reshape(w1_a.shape[0], -1) @ w1_b.double().reshape(w1_b.shape[0], -1)
+        m2 = w2_a.double().reshape(w2_a.shape[0], -1) @ w2_b.double().reshape(w2_b.shape[0], -1)
+    return (scale * m1 * m2).float()
+
+
+def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:
+    """LoKr: scale * kron(w1, w2), fp32. w1 [a, c]; w2 [b, d] gives [a*b, c*d]; a 4-D w2
+    [b, d, kh, kw] gives [a*b, c*d, kh, kw] (w1 is repeated over the kernel, as every loader does)."""
+    w1 = w1.double()
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return (scale * torch.kron(w1, w2.double())).float()
+
+
+def lokr_factor(full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None,
+                tucker: torch.Tensor | None = None) -> torch.Tensor:
+    """One Kronecker factor of a LoKr module: stored whole, as a @ b, or in Tucker form (w2 only)."""
+    if full is not None:
+        return full.double()
+    if tucker is not None:
+        return _tucker(tucker, a, b)
+    return a.double().reshape(a.shape[0], -1) @ b.double().reshape(b.shape[0], -1)
 
 
 def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

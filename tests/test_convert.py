@@ -179,7 +179,9 @@ def test_mixed_spellings_are_renamed_and_kohya_alphas_kept(tmp_path):
 @pytest.mark.parametrize("bad_key, message", [
     ("unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector", "DoRA"),
     ("unet.not_a_module.lora_A.weight", "names no SD 1.x"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "not a plain LoRA"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "is a LoHa module without hada_w1_b, hada_w2_a, hada_w2_b"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_mid.weight", "is not a LoRA, LoHa or LoKr weight"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_out.hada_w1_a", "mixes LoRA, LoHa or LoKr weights"),
 ])
 def test_unconvertible_keys_are_user_errors(tmp_path, capsys, bad_key, message):
     tensors = {"unet.down_blocks.0.attentions.0.proj_out.lora_A.weight": torch.ones(2, 320, 1, 1),

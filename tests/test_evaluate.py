@@ -356,6 +356,15 @@ def test_lora_with_foreign_keys_is_a_user_error(tiny_model_dir, tmp_path):
         evaluate(str(tiny_model_dir), [LoraSpec(bad)], ["x"], out=tmp_path / "e", **FAST)
 
 
+def test_loha_file_is_a_user_error_that_says_what_to_do(tmp_path):
+    """diffusers cannot load LyCORIS keys: one error naming the file and the way out, no traceback."""
+    loha = tmp_path / "loha.safetensors"
+    save_file({f"lora_unet_x.{k}": torch.zeros(2, 2) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+              str(loha))
+    with pytest.raises(UserError, match=r"loha.safetensors: is a LoHa/LoKr file .*lora-offset merge --base"):
+        evaluate("/does/not/exist", [LoraSpec(loha)], ["x"], out=tmp_path / "e", **FAST)
+
+
 def test_not_safetensors_is_a_user_error(tmp_path):
     f = tmp_path / "x.ckpt"
     f.write_bytes(b"\x80\x04junk")

@@ -13,7 +13,8 @@ from lora_offset.cli import main
 from lora_offset.errors import UserError
 from lora_offset.formats import checkpoint, ldm
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
-from lora_offset.formats.reader import AdapterModule, read_adapter
+from lora_offset.formats.modules import AdapterModule
+from lora_offset.formats.reader import read_adapter
 from lora_offset.lowrank import lora_delta
 from lora_offset.training.networks import text_encoder_lora_config, unet_lora_config
 from lora_offset.tools import merge
@@ -126,13 +127,13 @@ def test_parse_lora_argument():
 
 def test_merge_into_state_dict_rejects_unmatched_and_mismatched_keys():
     base = {"w": torch.zeros(4, 3)}
-    good = {"lora_unet_x": AdapterModule("unet", "x", torch.ones(2, 3), torch.ones(4, 2), 1.0, "alpha key")}
+    good = {"lora_unet_x": AdapterModule.lora("unet", "x", torch.ones(2, 3), torch.ones(4, 2), 1.0)}
     extra = {f"lora_unet_missing_{i}": good["lora_unet_x"] for i in range(7)}
     with pytest.raises(UserError, match=r"7 LoRA modules match no weight") as e:
         merge.merge_into_state_dict(base, [("l.safetensors", {**good, **extra}, 1.0)], {"lora_unet_x": "w"})
     assert str(e.value).count("lora_unet_missing_") == 5
     assert torch.equal(base["w"], torch.zeros(4, 3))  # nothing applied
-    wrong = {"lora_unet_x": AdapterModule("unet", "x", torch.ones(2, 5), torch.ones(4, 2), 1.0, "alpha key")}
+    wrong = {"lora_unet_x": AdapterModule.lora("unet", "x", torch.ones(2, 5), torch.ones(4, 2), 1.0)}
     with pytest.raises(UserError, match="lora_unet_x has shape"):
         merge.merge_into_state_dict(base, [("l.safetensors", wrong, 1.0)], {"lora_unet_x": "w"})
 

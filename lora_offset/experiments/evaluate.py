@@ -174,9 +174,14 @@ def read_lora_file(path: Path) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    lycoris = next((k for k in state if k.partition(".")[2].startswith(("hada_", "lokr_"))), None)
+    if lycoris is not None:  # diffusers' load_lora_weights, which eval samples with, cannot read LyCORIS keys
+        raise UserError(f"{path}: is a LoHa/LoKr file ({lycoris}), which diffusers cannot load: bake it into the "
+                        "base with `lora-offset merge --base BASE --lora FILE --out MERGED` and evaluate MERGED as --base")
+    return state, metadata
 
 
 # ----------------------------------------------------------------------------- models

@@ -230,6 +230,8 @@ def ss_metadata(
     mixed_precision: str = "no",
     prior_loss_weight: float = 1.0,
     base_model_name: str | None = None,
+    network_type: str = "lora",
+    lokr_factor: int = -1,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """kohya-compatible `__metadata__` (every value a string) plus the modelspec.* fields.
@@ -238,7 +240,9 @@ def ss_metadata(
     pyramid_discount, input_perturbation, zero_terminal_snr, min_snr_gamma, prediction_type
     ("epsilon" | "v_prediction"); a missing key means "off" (None / False / epsilon), other keys
     are ignored. `resolution` is an int (square) or (width, height). `started_at` / `finished_at`
-    are Unix times (time.time()). `extra` adds or overrides fields (values are str()-ed).
+    are Unix times (time.time()). `network_type` "loha" / "lokr" is recorded as LyCORIS's kohya
+    network does it: module "lycoris.kohya", args {"algo": ..., "factor": ...}. `extra` adds or
+    overrides fields (values are str()-ed).
     """
     noise = dict(noise or {})
     prediction_type = noise.get("prediction_type") or "epsilon"
@@ -252,9 +256,13 @@ def ss_metadata(
         # kohya keeps its --network_args as the strings the user typed ("conv_dim=4").
         network_args = {"conv_dim": str(int(conv_dim)),
                         "conv_alpha": str(float(conv_alpha if conv_alpha is not None else 1.0))}
+    if network_type != "lora":
+        network_args = {"algo": network_type, **network_args}
+        if network_type == "lokr":
+            network_args["factor"] = str(int(lokr_factor))
 
     fields: dict[str, Any] = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if network_type == "lora" else "lycoris.kohya",
         "ss_network_dim": int(network_dim),
         "ss_network_alpha": float(network_alpha),
         "ss_network_args": json.dumps(network_args),
@@ -304,7 +312,8 @@ def ss_metadata(
 
 
 def derived_metadata(source: Mapping[str, str], *, output_name: str, network_dim: int | str,
-                     network_alpha: float | str, comment: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+                     network_alpha: float | str, comment: str, extra: Mapping[str, str] | None = None,
+                     network_module: str = "networks.lora") -> dict[str, str]:
     """Metadata of a LoRA made from other files (convert, resize, merge, extract).
 
     Keeps the source's `ss_*` and `modelspec.*` fields (its training record; not its hashes: save_lora
@@ -317,7 +326,7 @@ def derived_metadata(source: Mapping[str, str], *, output_name: str, network_dim
     carried = {k: v for k, v in source.items() if k.startswith(("ss_", "modelspec.")) and k != "modelspec.hash_sha256"}
     previous = carried.get("ss_training_comment")
     metadata = {"ss_base_model_version": "sd_v1", "ss_v2": "False", **carried,
-                "ss_network_module": "networks.lora",
+                "ss_network_module": network_module,
                 "ss_network_dim": number(network_dim),
                 "ss_network_alpha": number(network_alpha),
                 "ss_output_name": output_name,
@@ -363,7 +372,7 @@ def save_lora(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata
 
     Like kohya, alphas are stored in the save precision. An alpha the precision cannot hold exactly
     (bf16 stores 0.3 as 0.30078) would scale the whole module by the rounding error, so that
-    factor is taken out of the module's lora_up before it is cast.
+    factor is taken out of the module's lora_up (LoHa: hada_w1_a, LoKr: lokr_w1) before it is cast.
     """
     import safetensors.torch
 
@@ -398,8 +407,13 @@ def _compensate_alpha_rounding(state_dict: Mapping[str, torch.Tensor], dtype: to
     for key, alpha in state_dict.items():
         if not key.endswith(".alpha"):
             continue
-        up_key = key[: -len("alpha")] + "lora_up.weight"
+        stem = key[: -len("alpha")]
+        # The factor that carries the module's scale: LoRA's lora_up, LoHa's hada_w1_a, LoKr's w1;
+        # none for a LoKr without a low-rank factor (the loaders ignore its alpha).
+        lokr_low_rank = f"{stem}lokr_w1_b" in state or f"{stem}lokr_w2_b" in state
+        candidates = ["lora_up.weight", "hada_w1_a"] + (["lokr_w1", "lokr_w1_a"] if lokr_low_rank else [])
+        up_key = next((stem + c for c in candidates if stem + c in state), None)
         exact, stored = alpha.double().item(), alpha.to(dtype).double().item()
-        if up_key in state and stored != exact and stored != 0:
+        if up_key is not None and stored != exact and stored != 0:
             state[up_key] = (state[up_key].double() * (exact / stored)).float()
     return state

@@ -26,18 +26,14 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from lora_offset.errors import UserError
-from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
-
-if TYPE_CHECKING:  # torch is imported only where tensors are read: `inspect` reads headers without it
-    import torch
+from lora_offset.formats.modules import KINDS, LOHA_SUFFIXES, LOKR_SUFFIXES, AdapterModule, alpha_rank, module_kind
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers/loaders/lora_base.py LORA_ADAPTER_METADATA_KEY
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-LORA_ROLES = {"down": "lora_down.weight", "up": "lora_up.weight"}  # parse_key role -> kohya suffix
 
 # --------------------------------------------------------------------------------------------
 # The header only (no torch)
@@ -176,36 +172,7 @@ def peft_scale(config: dict, module_names: list[str], rank: int, where: str, wha
 
 
 # --------------------------------------------------------------------------------------------
-# The tensors, per module
-
-
-@dataclass(frozen=True)
-class AdapterModule:
-    """One adapted module of an SD 1.x model: its LoRA factors and the scale loaders apply.
-
-    delta W = scale * up @ down (convolutions on flattened weights). `component` is "unet" or
-    "text_encoder"; `path` the diffusers UNet module path or the CLIP path with `text_model.`.
-    """
-
-    component: str
-    path: str
-    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
-    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
-    scale: float
-    scale_from: str  # "alpha key", "adapter config" or "none: scale 1.0"
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def kohya_key(self) -> str:
-        return kohya_name(UNET_PREFIX if self.component == "unet" else TEXT_ENCODER_PREFIX, self.path)
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        """Shape of the model weight this module changes."""
-        return (int(self.up.shape[0]), *(int(d) for d in self.down.shape[1:]))
+# The tensors, per module (lora_offset.formats.modules.AdapterModule)
 
 
 @dataclass
@@ -258,6 +225,7 @@ def parse_adapter(tensors: Mapping, metadata: Mapping[str, str], peft_config: di
         raise UserError(f"{what}: {source}: is an SDXL LoRA (lora_te2_ keys); lora-offset reads SD 1.x LoRAs only")
     entries: dict[tuple[str, str], dict] = {}
     styles = collections.Counter()
+    known = {"down", "up", "alpha", *LOHA_SUFFIXES, *LOKR_SUFFIXES}
     for key, tensor in tensors.items():
         if key.endswith((".lora_A.bias", ".lora_B.bias")):
             raise UserError(f"{what}: {source}: {key!r} is a LoRA bias, which kohya LoRA files cannot hold")
@@ -267,9 +235,9 @@ def parse_adapter(tensors: Mapping, metadata: Mapping[str, str], peft_config: di
         if parsed is None:
             raise UserError(f"{what}: {source}: key {key!r} names no SD 1.x UNet or text-encoder module; "
                             "is this an SD 1.x LoRA?")
-        if parsed.role not in ("down", "up", "alpha"):
-            raise UserError(f"{what}: {source}: {key!r} ({parsed.role}) is not a plain LoRA weight "
-                            "(LyCORIS / LoRA bias keys cannot be converted)")
+        if parsed.role not in known:
+            raise UserError(f"{what}: {source}: {key!r} ({parsed.role}) is not a LoRA, LoHa or LoKr weight "
+                            "(other LyCORIS types, bias and norm keys are not read)")
         entry = entries.setdefault((parsed.component, parsed.module), {})
         if parsed.role in entry:
             raise UserError(f"{what}: {source}: {key!r} and {entry[parsed.role][0]!r} are the same weight of "
@@ -280,23 +248,61 @@ def parse_adapter(tensors: Mapping, metadata: Mapping[str, str], peft_config: di
     configs = adapter_configs(metadata, peft_config, what)
     modules: dict[tuple[str, str], AdapterModule] = {}
     for (component, module), entry in sorted(entries.items()):
-        if "down" not in entry or "up" not in entry:
-            missing = "lora_down/lora_A" if "down" not in entry else "lora_up/lora_B"
-            raise UserError(f"{what}: {source}: module {component}.{module} has no {missing} weight")
-        down, up = entry["down"][1].float(), entry["up"][1].float()
-        rank = down.shape[0]
-        if up.dim() < 2 or up.shape[1] != rank:
-            raise UserError(f"{what}: {source}: {entry['up'][0]!r} has shape {tuple(up.shape)}, which does not fit "
-                            f"its lora_down of rank {rank}")
-        if "alpha" in entry:
-            scale, how = float(entry["alpha"][1].float().reshape(-1)[0]) / rank, "alpha key"
-        elif configs[component] is not None:
-            variants = [module, module.removeprefix("text_model.")] if component == "text_encoder" else [module]
-            scale = peft_scale(configs[component], variants, rank, f"{source} {component}.{module}", what)
-            how = "adapter config"
+        where = f"{what}: {source}: module {component}.{module}"
+        alpha = float(entry["alpha"][1].float().reshape(-1)[0]) if "alpha" in entry else None
+        kind = module_kind(entry)
+        if kind is None:
+            raise UserError(f"{where} mixes LoRA, LoHa or LoKr weights in one module")
+        if kind == "lora":
+            modules[(component, module)] = _lora_module(component, module, entry, alpha, configs, where, source, what)
         else:
-            scale, how = 1.0, "none: scale 1.0"
-        modules[(component, module)] = AdapterModule(component, module, down, up, scale, how)
+            factors = {s: entry[s][1].float() for s in KINDS[kind] if s in entry}
+            modules[(component, module)] = _lycoris_module(component, module, kind, factors, alpha, where)
     if not modules:
         raise UserError(f"{what}: {source}: has no LoRA weights")
     return modules, styles
+
+
+def _lora_module(component, module, entry, alpha, configs, where, source, what) -> AdapterModule:
+    if "down" not in entry or "up" not in entry:
+        raise UserError(f"{where} has no {'lora_down/lora_A' if 'down' not in entry else 'lora_up/lora_B'} weight")
+    down, up = entry["down"][1].float(), entry["up"][1].float()
+    rank = down.shape[0]
+    if up.dim() < 2 or up.shape[1] != rank:
+        raise UserError(f"{what}: {source}: {entry['up'][0]!r} has shape {tuple(up.shape)}, which does not fit "
+                        f"its lora_down of rank {rank}")
+    if alpha is not None:
+        scale, how = alpha / rank, "alpha key"
+    elif configs[component] is not None:
+        variants = [module, module.removeprefix("text_model.")] if component == "text_encoder" else [module]
+        scale = peft_scale(configs[component], variants, rank, f"{source} {component}.{module}", what)
+        how = "adapter config"
+    else:
+        scale, how = 1.0, "none: scale 1.0"
+    return AdapterModule.lora(component, module, down, up, scale, how)
+
+
+def _lycoris_module(component: str, module: str, kind: str, factors: dict, alpha: float | None, where: str
+                    ) -> AdapterModule:
+    """A LoHa / LoKr module with the scale A1111, ComfyUI and Forge apply (formats/loaders/*: the oracles)."""
+    if kind == "loha":
+        missing = [s for s in LOHA_SUFFIXES[:4] if s not in factors]
+        if missing or ("hada_t1" in factors) != ("hada_t2" in factors):
+            raise UserError(f"{where} is a LoHa module without {', '.join(missing) or 'both hada_t1 and hada_t2'}")
+    else:
+        for side in ("1", "2"):
+            if f"lokr_w{side}" not in factors and not {f"lokr_w{side}_a", f"lokr_w{side}_b"} <= set(factors):
+                raise UserError(f"{where} is a LoKr module without lokr_w{side} (or lokr_w{side}_a and _b)")
+    dim = alpha_rank(kind, {suffix: tuple(f.shape) for suffix, f in factors.items()})
+    try:
+        candidate = AdapterModule(component, module, kind, factors, 1.0, "", alpha)
+        candidate.delta()
+    except RuntimeError as e:
+        raise UserError(f"{where} has {kind} factors that do not fit together ({e})") from None
+    if dim is None:
+        scale, how = 1.0, "LoKr without a low-rank factor: 1.0"
+    elif alpha is None:
+        scale, how = 1.0, "none: scale 1.0"
+    else:
+        scale, how = alpha / dim, "alpha key"
+    return AdapterModule(component, module, kind, factors, scale, how, alpha)

@@ -17,7 +17,9 @@ The scale each module had in its trainer is kept:
   alpha = r is written (made explicit, so that every kohya loader gives the same result).
 Like our exporter, one alpha is written for the whole file (the most common alpha) and modules whose
 scale differs carry it in lora_up: diffusers mis-scales files whose alphas differ between modules.
-DoRA (`lora_magnitude_vector`), LoRA bias and LyCORIS keys cannot be written as plain kohya LoRA: refused.
+LoHa and LoKr modules (LyCORIS's `hada_*` / `lokr_*` keys) pass through unchanged under the one kohya
+module-name spelling. DoRA (`lora_magnitude_vector`) and LoRA bias cannot be written as plain kohya
+LoRA: refused.
 """
 
 from __future__ import annotations
@@ -30,21 +32,36 @@ from lora_offset.formats.reader import AdapterFile, read_adapter
 
 
 def convert_modules(adapter: AdapterFile) -> tuple[dict, dict]:
-    """Kohya state dict (fp32, one alpha) for a LoRA file read by `read_adapter`, and a summary of what was done."""
+    """Kohya state dict (fp32) for a LoRA file read by `read_adapter`, and a summary of what was done.
+
+    LoRA modules get one alpha for the file (a differing scale is folded into lora_up); LoHa and LoKr
+    modules pass through under the kohya module name with their factors and alpha as stored.
+    """
+    import torch
+
     from lora_offset.formats.kohya import uniform_alpha_tensors
 
     modules = list(adapter.modules.values())
-    scaled = [(m.kohya_key, m.down, m.up, m.rank, m.scale) for m in modules]
-    out, file_alpha, folded = uniform_alpha_tensors(scaled)  # each module keeps its own scale
-    ranks = collections.Counter(m.rank for m in modules)
+    lora = [m for m in modules if m.kind == "lora"]
+    out, file_alpha, folded = {}, None, 0
+    if lora:  # each module keeps its own scale
+        out, file_alpha, folded = uniform_alpha_tensors([(m.kohya_key, m.down, m.up, m.rank, m.scale) for m in lora])
+    for m in modules:
+        if m.kind != "lora":
+            out.update({f"{m.kohya_key}.{suffix}": factor.detach().float().clone() for suffix, factor in m.factors.items()})
+            if m.alpha is not None:
+                out[f"{m.kohya_key}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+    ranks = collections.Counter(m.rank for m in modules if m.rank is not None)
     summary = {
         "modules": len(modules),
         "unet_modules": sum(m.component == "unet" for m in modules),
         "text_encoder_modules": sum(m.component == "text_encoder" for m in modules),
+        "kinds": dict(collections.Counter(m.kind for m in modules)),
         "input_key_styles": dict(adapter.key_styles),
         "scale_from": dict(adapter.scale_sources),
-        "network_dim": ranks.most_common(1)[0][0],
-        "network_alpha": file_alpha,
+        "network_dim": ranks.most_common(1)[0][0] if ranks else "full",
+        "network_alpha": file_alpha if file_alpha is not None else
+        collections.Counter(m.alpha for m in modules).most_common(1)[0][0],
         "folded_into_lora_up": folded,
     }
     return out, summary
@@ -55,8 +72,10 @@ def conversion_metadata(summary: dict, output_name: str, source_name: str, sourc
 
     styles = ", ".join(f"{s} ({n})" for s, n in sorted(summary["input_key_styles"].items()))
     scales = ", ".join(f"{s} ({n})" for s, n in sorted(summary["scale_from"].items()))
+    lycoris = sorted(k for k in summary["kinds"] if k != "lora")
     return derived_metadata(source_metadata, output_name=output_name, network_dim=summary["network_dim"],
-                            network_alpha=summary["network_alpha"],
+                            network_alpha=summary["network_alpha"] if summary["network_alpha"] is not None else "None",
+                            network_module="lycoris.kohya" if lycoris else "networks.lora",
                             comment=f"converted by lora-offset from {source_name}: keys {styles}; scale from {scales}")
 
 
@@ -86,8 +105,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     summary = convert_file(args.input, args.output, args.precision)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["kinds"].items()))
+    alpha = summary["network_alpha"]
+    alpha = f"{alpha:g}" if isinstance(alpha, (int, float)) else alpha
     print(f"wrote {args.output}: {summary['unet_modules']} UNet + {summary['text_encoder_modules']} text-encoder "
-          f"modules, rank {summary['network_dim']}, alpha {summary['network_alpha']:g}, {summary['precision']}; "
+          f"modules ({kinds}), rank {summary['network_dim']}, alpha {alpha}, {summary['precision']}; "
           f"scale from {', '.join(f'{k} ({v})' for k, v in summary['scale_from'].items())}"
           + (f"; {summary['folded_into_lora_up']} modules carry their own scale in lora_up"
              if summary["folded_into_lora_up"] else ""))

@@ -16,10 +16,12 @@ import json
 
 from lora_offset.errors import UserError
 from lora_offset.formats.loaders import LOADER_TITLES
+from lora_offset.formats.modules import alpha_rank, module_kind
 from lora_offset.formats.reader import LoraHeader, adapter_configs, peft_scale, read_header, resolve_weights
 
 CONV_MARKERS = (".resnets.", ".downsamplers.", ".upsamplers.")  # conv LoRA ("LoCon") modules
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+KIND_TITLES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
 def _counts(values) -> dict[str, int]:
@@ -43,15 +45,25 @@ def summarize(header: LoraHeader, names=None, peft_config: dict | None = None) -
             modules.setdefault((p.component, p.module), {})[p.role] = key
 
     configs = adapter_configs(header.metadata, peft_config, "inspect")  # diffusers' lora_adapter_metadata / PEFT config
-    ranks, alphas, scales = [], [], []
+    ranks, alphas, scales, kinds = [], [], [], []
     for (component, module), roles in modules.items():
-        rank = header.shapes[roles["down"]][0] if "down" in roles else None
+        kind = module_kind(roles) or "mixed"
+        kinds.append(kind)
+        shapes = {role: header.shapes[key] for role, key in roles.items()}
+        try:
+            rank = alpha_rank(kind, shapes)
+        except KeyError:  # a half module: the loaders' verdicts below say what they make of it
+            rank = None
+        full_lokr = kind == "lokr" and rank is None and any(s in roles for s in ("lokr_w1", "lokr_w2"))
+        ranks.append("full" if full_lokr else rank if rank is not None else "?")
         alpha = header.alphas.get(roles.get("alpha", ""))
-        ranks.append(rank if rank is not None else "?")
-        if alpha is not None:
+        if full_lokr:  # both Kronecker factors whole: every loader applies scale 1.0, whatever the alpha
+            alphas.append(_number(alpha) if alpha is not None else "none")
+            scales.append("1 (LoKr, no low-rank factor)")
+        elif alpha is not None:
             alphas.append(_number(alpha))
             scales.append(_number(alpha / rank) if rank else "?")
-        elif rank and configs.get(component):
+        elif rank and kind == "lora" and configs.get(component):
             try:  # dotted diffusers files keep alpha in the adapter metadata, not in keys
                 scale = peft_scale(configs[component], [module, module.removeprefix("text_model.")], rank, module, "inspect")
                 alphas.append(f"{_number(scale * rank)} (adapter config)")
@@ -80,6 +92,7 @@ def summarize(header: LoraHeader, names=None, peft_config: dict | None = None) -
             "total": total,
         },
         "unrecognized_keys": unknown,
+        "kinds": _counts(kinds),
         "ranks": _counts(ranks),
         "alphas": _counts(alphas),
         "scales": _counts(scales),
@@ -120,6 +133,7 @@ def format_text(s: dict, max_keys: int = 5) -> str:
         f"file        {s['file']}  ({_human_size(s['size_bytes'])}, {_pairs(s['dtypes'])})",
         f"keys        {s['key_count']}: {_pairs(s['key_styles'])}",
         f"modules     {m['unet']} UNet ({m['conv']} conv) + {m['text_encoder']} text encoder = {m['total']}",
+        f"type        {_pairs({KIND_TITLES.get(k, k): n for k, n in s['kinds'].items()})}",
         f"rank        {_pairs(s['ranks'])}",
         f"alpha       {_pairs(s['alphas'])}",
         f"scale       {_pairs(s['scales'])}   (alpha / rank; every loader uses 1.0 where alpha is missing)",

@@ -3,7 +3,8 @@
     lora-offset merge --base model.safetensors --lora a.safetensors:0.8 --lora b.safetensors:-0.3 --out merged.safetensors
 
 For every LoRA'd module: W <- W + ratio * (alpha / r) * up @ down, computed in fp32 (convolutions
-on flattened weights, then reshaped to W's shape). BASE is a single-file LDM checkpoint or a
+on flattened weights, then reshaped to W's shape); LoHa and LoKr modules add their own delta
+(lowrank.loha_delta, lowrank.lokr_delta) at the scale the web UIs apply. BASE is a single-file LDM checkpoint or a
 diffusers folder; the output keeps BASE's layout. Tensors no LoRA touches are copied
 bit-identical and every tensor keeps its dtype, unless --precision casts all floating tensors.
 A LoRA key that matches no module of BASE stops the merge: a half-applied LoRA is worse than none.
@@ -27,8 +28,8 @@ import torch
 from lora_offset.errors import UserError
 from lora_offset.formats import checkpoint
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
-from lora_offset.formats.reader import AdapterModule, read_adapter
-from lora_offset.lowrank import lora_delta
+from lora_offset.formats.modules import AdapterModule
+from lora_offset.formats.reader import read_adapter
 from lora_offset.training import base_precision
 
 log = logging.getLogger("lora_offset")
@@ -61,7 +62,7 @@ def merge_into_state_dict(
         for module_key, module in modules.items():
             weight_key = targets[module_key]
             weight = base[weight_key]
-            delta = ratio * lora_delta(module.down, module.up, module.scale)
+            delta = ratio * module.delta()  # LoRA, LoHa or LoKr: the delta every loader applies
             if delta.numel() != weight.numel():
                 raise UserError(f"{name}: {module_key} has shape {tuple(delta.shape)} but the base weight "
                                 f"{weight_key} is {tuple(weight.shape)}: the LoRA was trained on another model")

@@ -7,7 +7,9 @@ sum_i ratio_i * scale_i * up_i @ down_i (convolutions flattened):
 - `--rank R` (`--conv-rank R` for 3x3 convolutions) writes the best rank-R approximation of that sum:
   the SVD of the stacked factors is the SVD of the sum (lowrank.factored_svd), cut at R.
 Inputs may differ in rank, alpha and modules (text encoder or conv modules in some only): a module
-takes the inputs that have it. One alpha is written for the file, as the exporter does.
+takes the inputs that have it. LoHa / LoKr modules merge with `--rank` only (their delta is not a
+product of thin factors: the SVD of the summed delta). One alpha is written for the file, as the
+exporter does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 from lora_offset import lowrank
 from lora_offset.errors import UserError
-from lora_offset.formats.reader import AdapterFile, AdapterModule, read_adapter
+from lora_offset.formats.modules import AdapterModule
+from lora_offset.formats.reader import AdapterFile, read_adapter
 
 
 def merge_modules(loras: Sequence[tuple[AdapterFile, float]], rank: int | None = None, conv_rank: int | None = None
@@ -38,14 +41,28 @@ def merge_modules(loras: Sequence[tuple[AdapterFile, float]], rank: int | None =
             if module.weight_shape != first.weight_shape:
                 raise UserError(f"merge: {component}.{path} changes a {first.weight_shape} weight in {first_file.path} "
                                 f"but a {module.weight_shape} weight in {adapter.path}: the LoRAs belong to different models")
-        down, up = lowrank.concat([(m.down, m.up, ratio * m.scale) for _, m, ratio in parts])
-        cap = conv_rank if conv_rank is not None and down.dim() == 4 and tuple(down.shape[2:]) != (1, 1) else rank
-        if cap is not None:
-            u, s, vh = lowrank.factored_svd(up, down)
+        shape = first.weight_shape
+        cap = conv_rank if conv_rank is not None and len(shape) == 4 and tuple(shape[2:]) != (1, 1) else rank
+        lycoris = [m for _, m, _ in parts if m.kind != "lora"]
+        if lycoris:
+            if cap is None:
+                raise UserError(f"merge: {component}.{path} is a {lycoris[0].kind} module: its factors cannot be "
+                                "stacked with LoRA factors; pass --rank R to merge by SVD")
+            # LoHa / LoKr deltas are full-rank in general: SVD of the summed dense delta.
+            total = sum(ratio * m.weight_delta().double() for _, m, ratio in parts)
+            u, s, vh = lowrank.dense_svd(total)
+            stacked_up, stacked_down = None, None
+        else:
+            stacked_down, stacked_up = lowrank.concat([(m.down, m.up, ratio * m.scale) for _, m, ratio in parts])
+            if cap is not None:
+                u, s, vh = lowrank.factored_svd(stacked_up, stacked_down)
+        if cap is None:
+            down, up = stacked_down, stacked_up
+        else:
             k = max(1, min(cap, s.numel()))
             new_up, new_down = lowrank.truncate(u, s, vh, k)
-            up = new_up.float().reshape(up.shape[0], k, *up.shape[2:])
-            down = new_down.float().reshape(k, *down.shape[1:])
+            up = new_up.float().reshape(shape[0], k, *([1, 1] if len(shape) == 4 else []))
+            down = new_down.float().reshape(k, *shape[1:])
         merged.append((first.kohya_key, down, up, int(down.shape[0]), 1.0))
     return merged
 

@@ -25,7 +25,8 @@ import torch
 
 from lora_offset import lowrank
 from lora_offset.errors import UserError
-from lora_offset.formats.reader import AdapterModule, read_adapter
+from lora_offset.formats.modules import AdapterModule
+from lora_offset.formats.reader import read_adapter
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 
@@ -108,6 +109,11 @@ def resize_file(src: str | Path, dst: str | Path, *, rank: int | None = None, co
         raise UserError(f"resize: output {dst} is the input file: choose another path")
     if dst.suffix != ".safetensors":
         raise UserError(f"resize: output {dst} must end in .safetensors")
+    lycoris = [m for m in adapter.modules.values() if m.kind != "lora"]
+    if lycoris:
+        raise UserError(f"resize: {adapter.path}: {len(lycoris)} modules are {lycoris[0].kind} (e.g. {lycoris[0].kohya_key}); "
+                        "resize works on plain LoRA, whose delta is one low-rank product. To get a LoRA of rank R "
+                        "from it: lora-offset merge --lora IN --out OUT --rank R")
     resized = resize_modules(adapter.modules.values(), rank, conv_rank, method, param)
     state, file_alpha, _ = uniform_alpha_tensors([(r.key, r.down, r.up, r.rank, r.scale) for r in resized])
 

@@ -13,6 +13,7 @@ import torch
 
 from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_path
+from lora_offset.training.networks import is_adapter_parameter
 
 STATE_DIR = "state"
 STATE_PREFIX = "state-"
@@ -20,7 +21,8 @@ KEEP_STATES = 2
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+    """The adapter's weights (LoRA, LoHa or LoKr), by parameter name."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if is_adapter_parameter(n)}
 
 
 def save_state(output_dir: Path, step: int, started_at: float, unet, text_encoder, optimizer, lr_scheduler,
@@ -70,7 +72,7 @@ def load_state(path: Path, unet, text_encoder, optimizer, lr_scheduler, generato
     for key, model in (("unet_lora", unet), ("text_encoder_lora", text_encoder)):
         params = dict(accelerator.unwrap_model(model).named_parameters())
         saved = state[key]
-        current = {n for n in params if "lora_" in n}
+        current = {n for n in params if is_adapter_parameter(n)}
         if set(saved) != current:
             raise UserError(f"--resume: {path} was saved with a different network (rank, conv or text encoder "
                             "settings differ from this config)")

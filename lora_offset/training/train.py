@@ -23,7 +23,7 @@ import torch
 
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
-from lora_offset.formats import kohya
+from lora_offset.formats import kohya, lycoris
 from lora_offset.training import base_precision, models, networks, noise
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.dataset import build_dataset
@@ -256,11 +256,11 @@ def add_networks(config: Config, unet, text_encoder) -> tuple[list, list]:
 
     t, net = config.training, config.network
     set_seed(t.seed)  # LoRA init draws from the global RNG: same seed, same starting adapter
-    unet_params = networks.add_lora(unet, networks.unet_lora_config(net.rank, net.alpha, net.conv_rank,
-                                                                     net.conv_alpha, net.dropout))
+    unet_config, te_config = networks.network_configs(net)  # LoRA, LoHa or LoKr (network.type)
+    unet_params = networks.add_lora(unet, unet_config)
     te_params = []
     if net.train_text_encoder:
-        te_params = networks.add_lora(text_encoder, networks.text_encoder_lora_config(net.rank, net.alpha, net.dropout))
+        te_params = networks.add_lora(text_encoder, te_config)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if net.train_text_encoder:
@@ -312,10 +312,15 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
     t, net, z = config.training, config.network, config.noise
     unet_model = accelerator.unwrap_model(unet)
     te_model = accelerator.unwrap_model(text_encoder) if net.train_text_encoder else None
-    state = kohya.kohya_state_dict(unet_model, te_model)
+    if net.type == "lora":
+        state = kohya.kohya_state_dict(unet_model, te_model)
+    else:
+        state = lycoris.lycoris_state_dict(unet_model, te_model)
     metadata = kohya.ss_metadata(
         output_name=t.output_name,
-        network_dim=net.rank,
+        network_dim=net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank,
+        network_type=net.type,
+        lokr_factor=net.lokr_factor,
         network_alpha=net.alpha,
         conv_dim=net.conv_rank,
         conv_alpha=net.conv_alpha,

@@ -18,16 +18,17 @@ itself.
 Modules: names.py (ModelNames, parse_key), result.py (LoaderResult), one module per loader
 (a1111.py, comfyui.py with Forge, invokeai.py, diffusers.py); this package exposes them together.
 
-Not modelled: LyCORIS module types (LoHa, LoKr, ...), which the loaders accept under their own key
-names; here such keys count as not understood.
+LyCORIS LoHa and LoKr modules (`hada_*`, `lokr_*` keys) are matched by A1111, ComfyUI, Forge and
+InvokeAI as by the loaders' code; `a1111_weight_delta` and `comfyui_weight_delta` compute the delta
+each applies to a weight (the scale rules differ per type). Other LyCORIS types are not modelled.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from lora_offset.formats.loaders.a1111 import a1111_convert_name, match_a1111
-from lora_offset.formats.loaders.comfyui import match_comfyui, match_forge
+from lora_offset.formats.loaders.a1111 import a1111_convert_name, a1111_weight_delta, match_a1111
+from lora_offset.formats.loaders.comfyui import comfyui_weight_delta, match_comfyui, match_forge
 from lora_offset.formats.loaders.diffusers import match_diffusers
 from lora_offset.formats.loaders.invokeai import match_invokeai
 from lora_offset.formats.loaders.names import (TEXT_ENCODER, UNET, ModelNames, ParsedKey, _flat, check_unet_ldm_map,
@@ -36,7 +37,7 @@ from lora_offset.formats.loaders.names import (TEXT_ENCODER, UNET, ModelNames, P
 from lora_offset.formats.loaders.result import KOHYA_PREFIXES, LORA_PAIRS, LoaderResult, _first_dot
 
 __all__ = ["KOHYA_PREFIXES", "LORA_PAIRS", "LOADERS", "LOADER_TITLES", "TEXT_ENCODER", "UNET", "LoaderResult",
-           "ModelNames", "ParsedKey", "a1111_convert_name", "check_unet_ldm_map", "derive_unet_ldm_map",
+           "ModelNames", "ParsedKey", "a1111_convert_name", "a1111_weight_delta", "comfyui_weight_delta", "check_unet_ldm_map", "derive_unet_ldm_map",
            "file_modules", "match", "match_a1111", "match_all", "match_comfyui", "match_diffusers", "match_forge",
            "match_invokeai", "model_names", "parse_key", "sd15_model_names", "tiny_model_names"]
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from lora_offset.formats.loaders.names import TEXT_ENCODER, UNET, ModelNames, _flat
-from lora_offset.formats.loaders.result import LoaderResult, _first_dot, _lora_pair, _rejected
+from lora_offset.formats.loaders.result import (LoaderResult, _first_dot, _lora_pair, _lycoris_type, _rejected,
+                                                _uses_alpha)
 
 _A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
                  "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
@@ -65,8 +66,9 @@ def match_a1111(keys: Iterable[str], names: ModelNames) -> LoaderResult:
     "lora_unet" -> "diffusion_model" (LDM-style kohya names), "lora_te1_text_model" ->
     "transformer_text_model". Unmatched keys are only logged at debug level: dropped silently.
     Per matched module, network_lora.py `ModuleTypeLora.create_module` needs lora_up+lora_down (or
-    lora_B+lora_A); a module no type accepts raises AssertionError, which `load_networks` catches:
-    the whole LoRA is not loaded. Missing alpha: network.py `calc_scale` -> 1.0.
+    lora_B+lora_A), network_hada.py the four hada_w*, network_lokr.py lokr_w1 (or _a+_b) and lokr_w2
+    (or _a+_b); a module no type accepts raises AssertionError, which `load_networks` catches: the
+    whole LoRA is not loaded. Missing alpha: network.py `calc_scale` -> 1.0.
     """
     keys = list(keys)
     mapping = _a1111_layer_mapping(names)
@@ -91,11 +93,11 @@ def match_a1111(keys: Iterable[str], names: ModelNames) -> LoaderResult:
             matched.setdefault(target, {})[suffix] = key
     result = LoaderResult("a1111")
     for target, suffixes in matched.items():
-        if _lora_pair(suffixes) is None:
-            return _rejected("a1111", keys, f"module {target} has {sorted(suffixes)} but no lora_up/lora_down pair: "
+        if _lora_pair(suffixes) is None and _lycoris_type(suffixes) is None:
+            return _rejected("a1111", keys, f"module {target} has {sorted(suffixes)}, no LoRA, LoHa or LoKr set: "
                              "A1111 raises 'Could not find a module type' and loads nothing")
         result.applied_modules.add(target)
-        if "alpha" not in suffixes:
+        if "alpha" not in suffixes and _uses_alpha(suffixes):
             result.missing_alpha.append(target)
     result.ignored_keys = sorted(failed)
     if failed:
@@ -103,3 +105,45 @@ def match_a1111(keys: Iterable[str], names: ModelNames) -> LoaderResult:
                          + ("; the LoRA does nothing" if not matched else ""))
     result.missing_alpha.sort()
     return result
+
+
+def a1111_weight_delta(weights: Mapping, weight_shape: tuple[int, ...]):
+    """What A1111 1.10 adds to a weight of `weight_shape` for one module's tensors {suffix: tensor}, at
+    multiplier 1, in float64. LoRA: network_lora.py `calc_updown` (lyco_helpers.rebuild_conventional);
+    LoHa: network_hada.py (rebuild_conventional of each pair, multiplied); LoKr: network_lokr.py
+    (`make_kron`, w1 unsqueezed over a 4-D w2's kernel); then network.py `finalize_updown` reshapes to
+    the weight and multiplies by `calc_scale`: alpha / dim, or 1.0 when alpha or dim is missing
+    (dim: lora_down's rows; hada_w1_b's; lokr_w1_b's, overwritten by lokr_w2_b's). The Tucker forms
+    (hada_t1, lokr_t2, lora_mid) are not modelled.
+    """
+    import math
+
+    import torch
+
+    w = {k: v.double() for k, v in weights.items()}
+    alpha = float(w["alpha"]) if "alpha" in w else None
+
+    def rebuild(up, down, shape):
+        return (up.reshape(up.size(0), -1) @ down.reshape(down.size(0), -1)).reshape(shape)
+
+    if "lora_up.weight" in w:
+        up, down = w["lora_up.weight"], w["lora_down.weight"]
+        dim = down.shape[0]
+        updown = rebuild(up, down, [up.size(0), down.size(1), *down.shape[2:]])
+    elif "hada_w1_a" in w:
+        w1a, w1b, w2a, w2b = (w[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        dim = w1b.shape[0]
+        shape = [w1a.size(0), w1b.size(1), *(w1b.shape[2:] if w1b.dim() == 4 else [])]
+        updown = rebuild(w1a, w1b, shape) * rebuild(w2a, w2b, shape)
+    else:
+        dim = w["lokr_w1_b"].shape[0] if "lokr_w1_b" in w else None
+        dim = w["lokr_w2_b"].shape[0] if "lokr_w2_b" in w else dim
+        w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+        w2 = w["lokr_w2"] if "lokr_w2" in w else w["lokr_w2_a"] @ w["lokr_w2_b"]
+        shape = list(weight_shape) if len(weight_shape) == 4 else [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+        if w2.dim() == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2.contiguous()).reshape(shape)
+    if updown.numel() == math.prod(weight_shape):
+        updown = updown.reshape(weight_shape)
+    return updown * (alpha / dim if alpha is not None and dim is not None else 1.0)

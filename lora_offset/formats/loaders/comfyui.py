@@ -7,7 +7,7 @@ import re
 from typing import Iterable, Mapping
 
 from lora_offset.formats.loaders.names import TEXT_ENCODER, UNET, ModelNames, _flat
-from lora_offset.formats.loaders.result import LoaderResult, _rejected
+from lora_offset.formats.loaders.result import LOHA_KEYS, LoaderResult, _rejected, _uses_alpha
 
 _LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
                   "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
@@ -40,6 +40,7 @@ def _comfy_key_map(names: ModelNames, generic_clip_keys: bool) -> dict[str, str]
     return key_map
 
 
+_LOKR_KEYS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # comfy/lora.py `load_lora`: (up, down) spellings it tries per mapped module, in order.
 _COMFY_FORMS = (("lora_up.weight", "lora_down.weight", "."), ("lora.up.weight", "lora.down.weight", "_"),
                 ("lora_B.weight", "lora_A.weight", "."), ("lora.up.weight", "lora.down.weight", "."),
@@ -64,6 +65,26 @@ def _comfy_load(keys: list[str], key_map: Mapping[str, str]) -> tuple[set[str], 
                 if sep == "." and up == "lora_up.weight" and alpha not in keyset:
                     no_alpha.append(target)
                 break
+        # LyCORIS (weight_adapter/loha.py, lokr.py `load`; Forge's comfyui_lora_collection/lora.py):
+        # hada_w1_a makes a LoHa, which then reads its three other factors (KeyError if one is
+        # missing); any of lokr_w1, lokr_w2, lokr_w1_a, lokr_w2_a makes a LoKr of whatever is there.
+        if f"{x}.hada_w1_a" in keyset:
+            names = [f"{x}.{k}" for k in LOHA_KEYS]
+            if f"{x}.hada_t1" in keyset:
+                names += [f"{x}.hada_t1", f"{x}.hada_t2"]
+            missing = [k for k in names if k not in keyset]
+            if missing:
+                return set(), set(), [], f"{missing[0]} is missing beside {x}.hada_w1_a: the loader raises KeyError"
+            applied.add(target)
+            loaded.update(names)
+            if alpha not in keyset:
+                no_alpha.append(target)
+        lokr = {k for k in _LOKR_KEYS if f"{x}.{k}" in keyset}
+        if lokr & {"lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a"}:
+            applied.add(target)
+            loaded.update(f"{x}.{k}" for k in lokr)
+            if alpha not in keyset and _uses_alpha(lokr):
+                no_alpha.append(target)
     return applied, loaded, sorted(no_alpha), ""
 
 
@@ -101,3 +122,47 @@ def match_forge(keys: Iterable[str], names: ModelNames) -> LoaderResult:
         return _rejected("forge", keys, f"{len(unmatched)} unmatched keys (> 12): Forge skips the whole LoRA ('LoRA version mismatch')")
     reason = f"{len(unmatched)} unmatched keys listed and dropped, the rest applies" if unmatched else ""
     return LoaderResult("forge", applied, unmatched, False, reason, no_alpha)
+
+
+def comfyui_weight_delta(weights: Mapping, weight_shape: tuple[int, ...]):
+    """What ComfyUI (and Forge, whose backend/patcher/lora.py `merge_lora_to_weight` has the same code)
+    adds to a weight of `weight_shape` for one module's tensors {suffix: tensor}, at strength 1, in
+    float64; None where the loader logs an error and skips the module (e.g. a 4-D hada_w1_b: torch.mm).
+
+    LoRA: weight_adapter/lora.py, torch.mm of the flattened up and down, scale alpha / down's rows.
+    LoHa: weight_adapter/loha.py, torch.mm(w1_a, w1_b) * torch.mm(w2_a, w2_b), scale alpha / w1_b's rows.
+    LoKr: weight_adapter/lokr.py, kron(w1, w2) (w1 unsqueezed for a 4-D w2), scale alpha / dim with dim
+    = w1_b's rows when w1 is not stored whole, overwritten by w2_b's when w2 is not: 1.0 without alpha
+    or dim. Each result is reshaped to the weight. The Tucker forms are not modelled.
+    """
+    import math
+
+    import torch
+
+    w = {k: v.double() for k, v in weights.items()}
+    alpha = float(w["alpha"]) if "alpha" in w else None
+    try:
+        if "lora_up.weight" in w:
+            up, down = w["lora_up.weight"], w["lora_down.weight"]
+            dim, diff = down.shape[0], torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1))
+        elif "hada_w1_a" in w:
+            dim = w["hada_w1_b"].shape[0]
+            diff = torch.mm(w["hada_w1_a"], w["hada_w1_b"]) * torch.mm(w["hada_w2_a"], w["hada_w2_b"])
+        else:
+            dim = None
+            if "lokr_w1" in w:
+                w1 = w["lokr_w1"]
+            else:
+                dim, w1 = w["lokr_w1_b"].shape[0], torch.mm(w["lokr_w1_a"], w["lokr_w1_b"])
+            if "lokr_w2" in w:
+                w2 = w["lokr_w2"]
+            else:
+                dim, w2 = w["lokr_w2_b"].shape[0], torch.mm(w["lokr_w2_a"], w["lokr_w2_b"])
+            if w2.dim() == 4:
+                w1 = w1.unsqueeze(2).unsqueeze(2)
+            diff = torch.kron(w1, w2)
+        if diff.numel() != math.prod(weight_shape):
+            return None
+    except RuntimeError:
+        return None
+    return diff.reshape(weight_shape) * (alpha / dim if alpha is not None and dim is not None else 1.0)

@@ -60,3 +60,23 @@ def _lora_pair(suffixes: Mapping[str, str]) -> tuple[str, str] | None:
         if down in suffixes and up in suffixes:
             return down, up
     return None
+
+
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def _lycoris_type(suffixes) -> str | None:
+    """"loha" / "lokr" when a module's suffixes make a whole LyCORIS module (A1111 network_hada.py /
+    network_lokr.py `create_module`: all four hada_w*; lokr_w1 or lokr_w1_a+_b, and lokr_w2 or _a+_b)."""
+    if all(k in suffixes for k in LOHA_KEYS):
+        return "loha"
+    has_1 = "lokr_w1" in suffixes or ("lokr_w1_a" in suffixes and "lokr_w1_b" in suffixes)
+    has_2 = "lokr_w2" in suffixes or ("lokr_w2_a" in suffixes and "lokr_w2_b" in suffixes)
+    return "lokr" if has_1 and has_2 else None
+
+
+def _uses_alpha(suffixes) -> bool:
+    """Whether the loaders scale the module by alpha: all but a LoKr whose two factors are stored whole
+    (no lokr_w1_b / lokr_w2_b: A1111, ComfyUI and Forge then use 1.0)."""
+    return not (any(s.startswith("lokr_") for s in suffixes) and "lokr_w1_b" not in suffixes
+                and "lokr_w2_b" not in suffixes)
