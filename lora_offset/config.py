@@ -356,6 +356,10 @@ def _validate(config: Config, source: str) -> None:
             f"network.lokr_factor shapes a LoKr; it does nothing with network.type = {n.type!r}: remove it")
     require(n.dropout == 0 or n.type == "lora",
             f"network.dropout is LoRA's dropout; PEFT's {n.type} has none of that kind: set it to 0")
+    require(not (m.base_precision == "nf4" and n.type != "lora"),
+            f"model.base_precision = \"nf4\" stores the base layers as bitsandbytes 4-bit layers, whose packed weight "
+            f"PEFT's {n.type} cannot shape its delta to: use base_precision \"fp8\" (or \"auto\") with network.type = "
+            f"{n.type!r}")
     require(z.offset >= 0, f"noise.offset must be >= 0 (0 = standard noise), got {z.offset}")
     require(z.pyramid_iterations >= 0, f"noise.pyramid_iterations must be >= 0, got {z.pyramid_iterations}")
     require(0 < z.pyramid_discount <= 1, f"noise.pyramid_discount must be in (0, 1], got {z.pyramid_discount}")

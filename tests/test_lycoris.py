@@ -241,6 +241,13 @@ def test_network_type_config_errors(tmp_path, network, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_nf4_base_is_refused_for_loha_and_lokr(tmp_path, capsys):
+    """PEFT's LoHa / LoKr reshape their delta to the base layer's weight, which bitsandbytes packs (crashes)."""
+    config = write_config(tmp_path, tmp_path, tmp_path, network={"type": "lokr"}, model={"base_precision": "nf4"})
+    assert main(["train", "--config", str(config)]) == 2
+    assert 'use base_precision "fp8"' in capsys.readouterr().err
+
+
 def test_bf16_alpha_rounding_is_taken_out_of_the_loha_factor(tmp_path):
     """bf16 stores alpha 0.3 as 0.30078: as for LoRA's lora_up, hada_w1_a takes the 0.26 % back."""
     from lora_offset.formats.kohya import save_lora
