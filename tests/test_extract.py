@@ -124,6 +124,8 @@ def test_clamp_quantile_clamps_the_svd_factors_as_kohya(checkpoints, tmp_path):
 def test_bad_input(checkpoints, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     base = str(checkpoints["base"])
+    pickled = tmp_path / "tuned.ckpt"
+    pickled.write_bytes(b"never unpickled without the opt-in")
     for argv, message in [
         (["--base", base, "--tuned", base, "--rank", "4", str(out)], "same weights in every LoRA target: nothing to extract"),
         (["--base", base, "--tuned", str(tmp_path / "nope.safetensors"), "--rank", "4", str(out)], "nope.safetensors: no such file"),
@@ -131,6 +133,7 @@ def test_bad_input(checkpoints, tmp_path, capsys):
         (["--base", base, "--tuned", base, "--rank", "2", "--clamp-quantile", "2", str(out)], "--clamp-quantile 2.0 must be in (0, 1]"),
         (["--base", base, "--tuned", base, "--rank", "2", str(tmp_path / "x.ckpt")], "must end in .safetensors"),
         (["--base", base, "--tuned", str(checkpoints["known"]), "--rank", "2", str(out)], "is not an SD 1.x checkpoint"),
+        (["--base", base, "--tuned", str(pickled), "--rank", "2", str(out)], "--allow-pickle"),
     ]:
         assert main(["extract", *argv]) == 2, argv
         err = capsys.readouterr().err

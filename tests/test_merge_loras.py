@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -73,7 +74,9 @@ def test_concat_is_exact(two_loras, tmp_path, capsys):
     assert ranks["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == 4 + 2
     assert ranks["lora_unet_down_blocks_0_resnets_0_conv1"] == 2 and ranks["lora_te_text_model_encoder_layers_0_mlp_fc1"] == 4
     meta = safetensors.safe_open(str(out), "pt").metadata()
-    assert [r["ratio"] for r in json.loads(meta["lora_offset.merged_loras"])] == list(RATIOS)
+    record = json.loads(meta["lora_offset.merged_loras"])
+    assert [(r["file"], r["ratio"]) for r in record] == [("a.safetensors", RATIOS[0]), ("b.safetensors", RATIOS[1])]
+    assert [r["sha256"] for r in record] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in two_loras]
     assert meta["ss_base_model_version"] == "sd_v1" and "sshs_model_hash" in meta
     assert {t.dtype for t in safetensors.torch.load_file(str(out)).values()} == {torch.float32}  # inputs mix fp32 and fp16
 
