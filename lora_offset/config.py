@@ -63,6 +63,8 @@ class NoiseConfig:
     input_perturbation: float = 0.0
     zero_terminal_snr: bool = False
     min_snr_gamma: float = 0.0  # 0 = off
+    min_timestep: int = 0  # timesteps are drawn uniformly from [min_timestep, max_timestep)
+    max_timestep: Optional[int] = None  # None: the schedule's length (1000)
 
 
 @dataclass
@@ -91,6 +93,10 @@ class TrainingConfig:
     sample_guidance_scale: float = 7.5
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
     prior_loss_weight: float = 1.0
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    huber_c: float = 0.1  # huber / smooth_l1 threshold (kohya's default)
+    huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
+    debiased_estimation: bool = False  # weight 1/sqrt(SNR) (kohya's debiased_estimation_loss)
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True  # when the text encoder is frozen and captions are fixed
@@ -365,6 +371,11 @@ def _validate(config: Config, source: str) -> None:
     require(0 < z.pyramid_discount <= 1, f"noise.pyramid_discount must be in (0, 1], got {z.pyramid_discount}")
     require(z.input_perturbation >= 0, f"noise.input_perturbation must be >= 0, got {z.input_perturbation}")
     require(z.min_snr_gamma >= 0, f"noise.min_snr_gamma must be >= 0 (0 = off), got {z.min_snr_gamma}")
+    max_timestep = 1000 if z.max_timestep is None else z.max_timestep
+    require(0 <= z.min_timestep < max_timestep <= 1000,
+            f"noise.min_timestep ({z.min_timestep}) and noise.max_timestep ({max_timestep}) must satisfy "
+            "0 <= min_timestep < max_timestep <= 1000 (timesteps are drawn from [min_timestep, max_timestep))")
+    require(0 < t.huber_c <= 1, f"training.huber_c must be in (0, 1], got {t.huber_c}")
     require(not (z.zero_terminal_snr and m.prediction_type != "v_prediction"),
             "noise.zero_terminal_snr = true needs model.prediction_type = \"v_prediction\" "
             "(at the last timestep the input is pure noise, so an epsilon target carries no information)")

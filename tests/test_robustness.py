@@ -162,9 +162,9 @@ def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_d
     real = losses.per_sample_loss
     calls = {"n": 0}
 
-    def nan_on_second_call(pred, target):
+    def nan_on_second_call(pred, target, *args):
         calls["n"] += 1
-        loss = real(pred, target)
+        loss = real(pred, target, *args)
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(losses, "per_sample_loss", nan_on_second_call)
@@ -178,7 +178,7 @@ def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_d
 def test_non_finite_steps_in_a_row_stop_with_advice(tmp_path, tiny_model_dir, images, monkeypatch, capsys):
     from lora_offset.training import losses
 
-    monkeypatch.setattr(losses, "per_sample_loss", lambda pred, target: (pred - target).float().mean((1, 2, 3)) * float("inf"))
+    monkeypatch.setattr(losses, "per_sample_loss", lambda pred, target, *args: (pred - target).float().mean((1, 2, 3)) * float("inf"))
     config = write_config(tmp_path, tiny_model_dir, images, training={"max_steps": 20, "max_nonfinite_steps": 3})
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err

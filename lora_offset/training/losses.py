@@ -1,27 +1,112 @@
-"""The training loss, as pure functions: per-sample error, its weights, the DreamBooth combination.
+"""The training loss, as pure functions: per-element error, per-sample weights, the DreamBooth combination.
 
-    per_sample_loss(pred, target)                    MSE over all but the batch dim, shape (B,), float32
-    min_snr_weights(snr, gamma, prediction_type)     Hang et al. 2023, finite at snr = 0 (see there)
-    loss_weights(noise_cfg, alphas_cumprod, timesteps, prediction_type)
-                                                     the per-sample weights a config asks for, or None
-    dreambooth_loss(per_sample, is_reg, prior_loss_weight, weights)
-                                                     mean(instance) + prior_loss_weight * mean(class)
+Each loss type and each Huber schedule is one entry of a registry (kohya sd-scripts' meanings,
+library/train_util.py `conditional_loss`, `get_huber_threshold_if_needed`):
+
+    l2          (pred - target)^2
+    l1          |pred - target|
+    huber       2 c (sqrt((pred - target)^2 + c^2) - c)      ~ d^2 near 0, ~ 2c|d| far out
+    smooth_l1   2 (sqrt((pred - target)^2 + c^2) - c)        ~ d^2/c near 0, ~ 2|d| far out
+
+The Huber threshold c per sample (huber_schedule, for huber and smooth_l1):
+    constant     c = huber_c
+    exponential  c = exp(-t ln(1/huber_c) / T): 1 at t = 0 down to huber_c at t = T
+    snr          c = (1 - huber_c) / (1 + sigma_t)^2 + huber_c, sigma_t = sqrt((1 - ab_t) / ab_t)
+
+Per-sample weights, multiplied together when several are on:
+    min-SNR-gamma (Hang et al. 2023)   epsilon: min(snr, gamma) / snr; v: min(snr, gamma) / (snr + 1)
+    debiased estimation (kohya)        epsilon: 1 / sqrt(snr); v: 1 / (snr + 1); snr capped at 1000
+
+    per_sample_loss(pred, target, loss_type="l2", huber_c=None)   mean over all but the batch dim, (B,), float32
+    loss_weights(loss_cfg, noise_cfg, alphas_cumprod, timesteps, prediction_type)   (B,) or None
+    dreambooth_loss(per_sample, is_reg, prior_loss_weight, weights)   mean(instance) + w * mean(class)
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 
 from lora_offset.training.noise import PREDICTION_TYPES, snr
 
+SNR_CAP = 1000.0  # kohya: snr at t = 0 is huge; debiased estimation caps it here
+DEBIASED_SNR_FLOOR = 1e-4  # 1/sqrt(snr) is infinite at snr = 0 (zero terminal SNR): the weight stops at 100
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample over every dim but the first, in float32: shape (B,)."""
+
+def _l2(diff: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    return diff * diff
+
+
+def _l1(diff: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    return diff.abs()
+
+
+def _huber(diff: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return 2 * c * (torch.sqrt(diff * diff + c * c) - c)
+
+
+def _smooth_l1(diff: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return 2 * (torch.sqrt(diff * diff + c * c) - c)
+
+
+# training.loss_type -> (elementwise loss of pred - target and the per-sample threshold c, needs c)
+LOSS_TYPES: dict[str, tuple[Callable, bool]] = {
+    "l2": (_l2, False),
+    "l1": (_l1, False),
+    "huber": (_huber, True),
+    "smooth_l1": (_smooth_l1, True),
+}
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                    huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss per sample, averaged over every dim but the first, in float32: shape (B,).
+
+    `huber_c` (B,) is the threshold of huber and smooth_l1 (see huber_threshold); unused otherwise.
+    """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    squared = F.mse_loss(pred.float(), target.float(), reduction="none")
-    return squared.mean(dim=tuple(range(1, squared.ndim)))
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    fn, needs_c = LOSS_TYPES[loss_type]
+    c = None
+    if needs_c:
+        if huber_c is None:
+            raise ValueError(f"loss_type {loss_type!r} needs the per-sample threshold huber_c")
+        c = huber_c.float().reshape(-1, *([1] * (pred.ndim - 1)))
+    elementwise = fn(pred.float() - target.float(), c)
+    return elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
+
+
+def _constant(huber_c: float, timesteps, alphas_cumprod, num_train_timesteps) -> torch.Tensor:
+    return torch.full(timesteps.shape, float(huber_c), dtype=torch.float32, device=timesteps.device)
+
+
+def _exponential(huber_c: float, timesteps, alphas_cumprod, num_train_timesteps) -> torch.Tensor:
+    rate = -math.log(huber_c) / num_train_timesteps
+    return torch.exp(-rate * timesteps.float())
+
+
+def _snr_schedule(huber_c: float, timesteps, alphas_cumprod, num_train_timesteps) -> torch.Tensor:
+    ab = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    sigmas = ((1.0 - ab) / ab) ** 0.5  # inf where ab = 0: c is then huber_c
+    return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+
+
+# training.huber_schedule -> c(huber_c, timesteps, alphas_cumprod, T), float32 (B,)
+HUBER_SCHEDULES: dict[str, Callable] = {"constant": _constant, "exponential": _exponential, "snr": _snr_schedule}
+
+
+def huber_threshold(schedule: str, huber_c: float, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                    num_train_timesteps: int) -> torch.Tensor:
+    """The Huber threshold c per sample for `timesteps` (see the module docstring)."""
+    if schedule not in HUBER_SCHEDULES:
+        raise ValueError(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {schedule!r}")
+    if not 0 < huber_c <= 1:
+        raise ValueError(f"huber_c must be in (0, 1], got {huber_c}")
+    return HUBER_SCHEDULES[schedule](huber_c, timesteps, alphas_cumprod, num_train_timesteps)
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -43,17 +128,36 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def loss_weights(noise_cfg, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
-                 prediction_type: str) -> torch.Tensor | None:
-    """Per-sample loss weights from a noise config (min-SNR-gamma), or None for unweighted."""
-    if noise_cfg.min_snr_gamma <= 0:
-        return None
-    return min_snr_weights(snr(alphas_cumprod, timesteps), noise_cfg.min_snr_gamma, prediction_type)
+def debiased_weights(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """kohya's debiased estimation: 1/sqrt(snr) (epsilon) or 1/(snr + 1) (v), snr capped at 1000.
+
+    kohya divides by zero at snr = 0 under epsilon; here snr is floored at 1e-4 (weight 100). SD 1.x's
+    own schedule never gets there (its smallest snr is ~0.005): only zero terminal SNR does.
+    """
+    capped = snr.clamp(max=SNR_CAP)
+    if prediction_type == "epsilon":
+        return 1 / torch.sqrt(capped.clamp(min=DEBIASED_SNR_FLOOR))
+    if prediction_type == "v_prediction":
+        return 1 / (capped + 1)
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def loss_weights(min_snr_gamma: float, debiased_estimation: bool, alphas_cumprod: torch.Tensor,
+                 timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor | None:
+    """The per-sample weights asked for (min-SNR, debiased, or their product), or None for unweighted."""
+    weights = None
+    values = snr(alphas_cumprod, timesteps)
+    if min_snr_gamma > 0:
+        weights = min_snr_weights(values, min_snr_gamma, prediction_type)
+    if debiased_estimation:
+        debiased = debiased_weights(values, prediction_type)
+        weights = debiased if weights is None else weights * debiased
+    return weights
 
 
 def dreambooth_loss(per_sample: torch.Tensor, is_reg: torch.Tensor, prior_loss_weight: float,
                     weights: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE(instance) + prior_loss_weight * MSE(class), each the mean over its samples."""
+    """loss(instance) + prior_loss_weight * loss(class), each the mean over its samples."""
     if weights is not None:
         per_sample = per_sample * weights
     loss = per_sample[~is_reg].mean()

@@ -68,7 +68,7 @@ def optimizer_step(parts: StepParts, step: int) -> float:
 def batch_loss(parts: StepParts, batch) -> torch.Tensor:
     """This process's loss on its slice of one (global) micro-batch."""
     config, accelerator, device = parts.config, parts.accelerator, parts.accelerator.device
-    noise_cfg, prediction_type = config.noise, config.model.prediction_type
+    t, noise_cfg, prediction_type = config.training, config.noise, config.model.prediction_type
     # Latents of the whole global batch (cached, or encoded now), in fp32 for the noise math.
     if batch.latents is not None:
         latents = batch.latents.to(device, torch.float32)
@@ -77,7 +77,8 @@ def batch_loss(parts: StepParts, batch) -> torch.Tensor:
     n = latents.shape[0]
     # Noise and timesteps for the whole global batch, then this process's slice.
     eps = noise.sample_noise(latents, noise_cfg, parts.generator).to(device)
-    timesteps = noise.sample_timesteps(n, parts.num_train_timesteps, parts.generator).to(device)
+    timesteps = noise.sample_timesteps(n, parts.num_train_timesteps, parts.generator, min_timestep=noise_cfg.min_timestep,
+                                       max_timestep=noise_cfg.max_timestep).to(device)
     noisy_eps = eps
     if noise_cfg.input_perturbation > 0:
         noisy_eps = noise.perturb_noise(eps, noise_cfg.input_perturbation, parts.generator).to(device)
@@ -94,10 +95,14 @@ def batch_loss(parts: StepParts, batch) -> torch.Tensor:
         cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions)
     with accelerator.autocast():
         pred = parts.forward_unet(noisy_latents.to(parts.weight_dtype), timesteps, cond).sample
-    return losses.dreambooth_loss(
-        losses.per_sample_loss(pred.float(), target.float()), is_reg, config.training.prior_loss_weight,
-        weights=losses.loss_weights(noise_cfg, parts.alphas_cumprod, timesteps, prediction_type),
-    )
+    huber_c = None
+    if losses.LOSS_TYPES[t.loss_type][1]:
+        huber_c = losses.huber_threshold(t.huber_schedule, t.huber_c, timesteps, parts.alphas_cumprod,
+                                         parts.num_train_timesteps)
+    per_sample = losses.per_sample_loss(pred.float(), target.float(), t.loss_type, huber_c)
+    weights = losses.loss_weights(noise_cfg.min_snr_gamma, t.debiased_estimation, parts.alphas_cumprod, timesteps,
+                                  prediction_type)
+    return losses.dreambooth_loss(per_sample, is_reg, t.prior_loss_weight, weights)
 
 
 @torch.no_grad()

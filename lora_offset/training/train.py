@@ -342,7 +342,8 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         mixed_precision=t.mixed_precision,
         prior_loss_weight=t.prior_loss_weight,
         base_model_name=config.model.pretrained,
-        extra=base_precision.metadata(config.model.base_precision, compute_dtype(accelerator)),
+        extra={**base_precision.metadata(config.model.base_precision, compute_dtype(accelerator)),
+               **training_metadata(config)},
     )
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
 
@@ -350,6 +351,19 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
 def compute_dtype(accelerator) -> torch.dtype:
     """The dtype the frozen models compute in: accelerate's mixed precision (fp16 already fell back to "no" on a CPU)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def training_metadata(config: Config) -> dict:
+    """kohya's ss_* fields for the settings that ss_metadata has no argument for."""
+    t, z = config.training, config.noise
+    return {
+        "ss_loss_type": t.loss_type,
+        "ss_huber_c": t.huber_c,
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_debiased_estimation": t.debiased_estimation,
+        "ss_min_timestep": z.min_timestep,
+        "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
+    }
 
 
 def flat_hparams(config: Config) -> dict:
