@@ -51,6 +51,7 @@ class NetworkConfig:
     type: Literal["lora", "loha", "lokr"] = "lora"  # LoRA, or LyCORIS's LoHa / LoKr through PEFT
     loha_rank: Optional[int] = None  # LoHa: rank of each Hadamard factor (PEFT LoHaConfig.r); None = rank
     lokr_factor: int = -1  # LoKr: PEFT LoKrConfig.decompose_factor; -1 = split near the square root
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+: the up matrices learn this many times faster
 
 
 @dataclass
@@ -75,10 +76,14 @@ class TrainingConfig:
     learning_rate: float = 1e-4
     text_encoder_lr: Optional[float] = None  # None: same as learning_rate
     lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: float = 0  # steps, or a fraction of the training steps when below 1
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: number of cycles
+    lr_scheduler_power: float = 1.0  # polynomial: power of the decay
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"
+    optimizer: Literal["adamw8bit", "adamw", "pagedadamw8bit", "lion8bit", "lion", "prodigy", "adafactor",
+                       "adamw_schedulefree"] = "adamw8bit"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # keywords for the optimizer's constructor
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0 = no clipping
     gradient_checkpointing: bool = True
@@ -306,6 +311,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             choices = " | ".join(repr(a) for a in args)
             raise UserError(f"{source}: {key} must be one of {choices}, got {value!r}")
         return value
+    if origin is dict:  # a free table (optimizer_args): keys are checked where they are used
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key} must be a table, e.g. {key} = {{ betas = [0.9, 0.99] }}, "
+                            f"got {_type_name(value)}")
+        return dict(value)
     if origin is list:
         (item_type,) = args
         if not isinstance(value, list):
@@ -383,7 +393,28 @@ def _validate(config: Config, source: str) -> None:
     require(t.learning_rate > 0, f"training.learning_rate must be > 0, got {t.learning_rate}")
     require(t.text_encoder_lr is None or t.text_encoder_lr >= 0,
             f"training.text_encoder_lr must be >= 0, got {t.text_encoder_lr}")
-    require(t.lr_warmup_steps >= 0, f"training.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
+    require(t.lr_warmup_steps >= 0 and (t.lr_warmup_steps < 1 or float(t.lr_warmup_steps).is_integer()),
+            f"training.lr_warmup_steps must be a whole number of steps or a fraction of the training below 1 "
+            f"(0.05 = 5 %), got {t.lr_warmup_steps}")
+    if t.lr_warmup_steps >= 1:
+        t.lr_warmup_steps = int(t.lr_warmup_steps)
+    require(t.lr_scheduler_num_cycles >= 1,
+            f"training.lr_scheduler_num_cycles must be >= 1, got {t.lr_scheduler_num_cycles}")
+    require(t.lr_scheduler_power > 0, f"training.lr_scheduler_power must be > 0, got {t.lr_scheduler_power}")
+    require(n.loraplus_lr_ratio is None or n.loraplus_lr_ratio > 0,
+            f"network.loraplus_lr_ratio must be > 0 (kohya suggests 16), got {n.loraplus_lr_ratio}")
+    if t.optimizer == "adamw_schedulefree":
+        require(t.lr_scheduler == "constant" and t.lr_warmup_steps == 0,
+                "training.optimizer = \"adamw_schedulefree\" schedules itself: set training.lr_scheduler = "
+                "\"constant\" and training.lr_warmup_steps = 0 (for a warm-up use "
+                "training.optimizer_args = { warmup_steps = N })")
+    if t.optimizer_args:
+        from lora_offset.training.optimizers import check_optimizer_args
+
+        try:
+            check_optimizer_args(t.optimizer, t.optimizer_args)  # an unknown argument is an error naming it
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     require(t.gradient_accumulation_steps >= 1,
             f"training.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}")
     for key in ("save_every_steps", "save_state_every_steps", "sample_every_steps"):

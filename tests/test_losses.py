@@ -146,8 +146,8 @@ def test_loss_weights_combine_min_snr_and_debiased(sd15):
     assert L.loss_weights(0.0, False, ac, t, "epsilon") is None
     torch.testing.assert_close(L.loss_weights(5.0, False, ac, t, "epsilon"), L.min_snr_weights(values, 5.0, "epsilon"))
     torch.testing.assert_close(L.loss_weights(0.0, True, ac, t, "epsilon"), L.debiased_weights(values, "epsilon"))
-    torch.testing.assert_close(L.loss_weights(5.0, True, ac, t, "v_prediction"),
-                               L.min_snr_weights(values, 5.0, "v_prediction") * L.debiased_weights(values, "v_prediction"))
+    product = L.min_snr_weights(values, 5.0, "v_prediction") * L.debiased_weights(values, "v_prediction")
+    torch.testing.assert_close(L.loss_weights(5.0, True, ac, t, "v_prediction"), product)
 
 
 def test_dreambooth_loss_by_hand():

@@ -26,10 +26,11 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_state(output_dir: Path, step: int, started_at: float, unet, text_encoder, optimizer, lr_scheduler,
-               generator, accelerator) -> Path:
+               generator, accelerator, optimizer_name: str) -> Path:
     """Everything needed to continue bit-identically: LoRA weights, optimizer, schedule, RNG, step."""
     state = {
         "step": step,
+        "optimizer_name": optimizer_name,
         "started_at": started_at,
         "unet_lora": lora_state(accelerator.unwrap_model(unet)),
         "text_encoder_lora": lora_state(accelerator.unwrap_model(text_encoder)),
@@ -64,7 +65,8 @@ def find_resume_state(resume: str, output_dir: Path) -> Path:
     raise UserError(f"--resume {resume}: {candidates} does not exist")
 
 
-def load_state(path: Path, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator) -> tuple[int, float]:
+def load_state(path: Path, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator,
+               optimizer_name: str) -> tuple[int, float]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which
@@ -79,6 +81,14 @@ def load_state(path: Path, unet, text_encoder, optimizer, lr_scheduler, generato
         with torch.no_grad():
             for n, value in saved.items():
                 params[n].copy_(value)
+    saved_optimizer = state.get("optimizer_name", optimizer_name)  # states written before the name was kept
+    if saved_optimizer != optimizer_name:
+        raise UserError(f"--resume: {path} was saved by training.optimizer = {saved_optimizer!r}, this config uses "
+                        f"{optimizer_name!r}: the optimizer state cannot carry over; use the same optimizer")
+    if len(state["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+        raise UserError(f"--resume: {path} has {len(state['optimizer']['param_groups'])} optimizer parameter "
+                        f"groups, this config {len(optimizer.param_groups)}: the text encoder or "
+                        "network.loraplus_lr_ratio settings differ from the run that saved it")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     generator.set_state(state["generator"])

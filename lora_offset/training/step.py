@@ -77,8 +77,9 @@ def batch_loss(parts: StepParts, batch) -> torch.Tensor:
     n = latents.shape[0]
     # Noise and timesteps for the whole global batch, then this process's slice.
     eps = noise.sample_noise(latents, noise_cfg, parts.generator).to(device)
-    timesteps = noise.sample_timesteps(n, parts.num_train_timesteps, parts.generator, min_timestep=noise_cfg.min_timestep,
-                                       max_timestep=noise_cfg.max_timestep).to(device)
+    timesteps = noise.sample_timesteps(n, parts.num_train_timesteps, parts.generator,
+                                       min_timestep=noise_cfg.min_timestep, max_timestep=noise_cfg.max_timestep)
+    timesteps = timesteps.to(device)
     noisy_eps = eps
     if noise_cfg.input_perturbation > 0:
         noisy_eps = noise.perturb_noise(eps, noise_cfg.input_perturbation, parts.generator).to(device)

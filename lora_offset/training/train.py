@@ -27,7 +27,7 @@ from lora_offset.formats import kohya, lycoris
 from lora_offset.training import base_precision, models, networks, noise
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.dataset import build_dataset
-from lora_offset.training.optimizers import OPTIMIZER_CLASSES, make_optimizer
+from lora_offset.training import optimizers
 from lora_offset.training.samples import generate_class_images, write_samples
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state
 from lora_offset.training.step import StepParts, encode_images, optimizer_step
@@ -56,7 +56,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         check_output_dir(output_dir, needed_bytes=estimate_adapter_bytes(net))
     resume_file = find_resume_state(resume, output_dir) if resume else None
     # Every process builds the global batch (batch_size x processes) and takes its slice (step.py).
-    global_batch_cfg = dataclasses.replace(config.dataset, batch_size=config.dataset.batch_size * accelerator.num_processes)
+    world = accelerator.num_processes
+    global_batch_cfg = dataclasses.replace(config.dataset, batch_size=config.dataset.batch_size * world)
     dataset = build_dataset(global_batch_cfg, seed=t.seed)  # UserError if no readable instance image
 
     # ---- base model, frozen, in half precision on GPU -------------------------------------
@@ -100,14 +101,11 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         unet.to(memory_format=torch.channels_last)
 
     # ---- optimizer and learning-rate schedule -----------------------------------------------
-    groups = [{"params": unet_params, "lr": t.learning_rate}]
-    if te_params:
-        groups.append({"params": te_params, "lr": t.learning_rate if t.text_encoder_lr is None else t.text_encoder_lr})
-    optimizer = make_optimizer(t.optimizer, groups, t.weight_decay)
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.max_steps)
+    te_lora = lora_parameters(text_encoder) if te_params else {}
+    groups = optimizers.param_groups(t.optimizer, lora_parameters(unet), te_lora, t.learning_rate, t.text_encoder_lr,
+                                     net.loraplus_lr_ratio)
+    optimizer = optimizers.make_optimizer(t.optimizer, groups, t.weight_decay, t.optimizer_args)
+    lr_scheduler = optimizers.make_lr_scheduler(t, optimizer, t.max_steps)
     if net.train_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
@@ -118,10 +116,12 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     step = 0
     started_at = time.time()
     if resume_file is not None:
-        step, started_at = load_state(resume_file, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator)
+        step, started_at = load_state(resume_file, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator,
+                                      t.optimizer)
         log.info("resumed from %s at step %d", resume_file, step)
     parts = StepParts(
-        config=config, accelerator=accelerator, unet=unet, forward_unet=torch.compile(unet) if t.torch_compile else unet,
+        config=config, accelerator=accelerator, unet=unet,
+        forward_unet=torch.compile(unet) if t.torch_compile else unet,
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_cache=text_cache, optimizer=optimizer,
         trainable=unet_params + te_params, dataset=dataset, generator=generator,
         alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
@@ -170,17 +170,20 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         if t.sample_every_steps and step % t.sample_every_steps == 0:
             accelerator.wait_for_everyone()
             if is_main:
-                write_samples(config, accelerator, base, unet, text_encoder, step, device)
+                with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
+                    write_samples(config, accelerator, base, unet, text_encoder, step, device)
         if stop.requested or (t.save_state_every_steps and step % t.save_state_every_steps == 0 and step < t.max_steps):
             accelerator.wait_for_everyone()
             if is_main:
-                save_state(output_dir, step, started_at, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator)
+                save_state(output_dir, step, started_at, unet, text_encoder, optimizer, lr_scheduler, generator,
+                           accelerator, t.optimizer)
         if t.save_every_steps and step % t.save_every_steps == 0 and step < t.max_steps or stop.requested:
             accelerator.wait_for_everyone()
             if is_main:
                 suffix = "" if stop.requested else f"-step{step:06d}"
-                save_adapter(config, dataset, accelerator, unet, text_encoder, step, started_at,
-                             output_dir / f"{t.output_name}{suffix}.safetensors")
+                with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
+                    save_adapter(config, dataset, accelerator, unet, text_encoder, step, started_at,
+                                 output_dir / f"{t.output_name}{suffix}.safetensors")
         if stop.requested:
             progress.close()
             accelerator.end_training()
@@ -194,7 +197,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     accelerator.wait_for_everyone()
     adapter_path = config.adapter_path
     if is_main:
-        save_adapter(config, dataset, accelerator, unet, text_encoder, step, started_at, adapter_path)
+        with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
+            save_adapter(config, dataset, accelerator, unet, text_encoder, step, started_at, adapter_path)
         log.info("saved %s", adapter_path)
     accelerator.end_training()
     stop.restore()
@@ -247,6 +251,10 @@ def check_output_dir(output_dir: Path, needed_bytes: int) -> None:
 def estimate_adapter_bytes(net) -> int:
     # SD 1.5 UNet attention LoRA: ~0.85 M parameters per unit of rank; x4 for fp32 state with optimizer moments.
     return int(0.85e6 * (net.rank + net.conv_rank) * 4 * 3) + (16 << 20)
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
 
 
 def add_networks(config: Config, unet, text_encoder) -> tuple[list, list]:
@@ -331,7 +339,7 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         learning_rate=t.learning_rate,
         unet_lr=t.learning_rate,
         text_encoder_lr=t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate,
-        optimizer=OPTIMIZER_CLASSES[t.optimizer],
+        optimizer=optimizer_record(t),
         num_train_images=dataset.num_train_items,
         num_reg_images=dataset.num_reg_images,
         tag_frequency=dataset.tag_frequency,
@@ -353,6 +361,12 @@ def compute_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def optimizer_record(t) -> str:
+    """ss_optimizer as kohya writes it: the class, then the arguments given (`Class(k=v,...)`)."""
+    args = ",".join(f"{k}={v}" for k, v in t.optimizer_args.items())
+    return optimizers.class_name(t.optimizer) + (f"({args})" if args else "")
+
+
 def training_metadata(config: Config) -> dict:
     """kohya's ss_* fields for the settings that ss_metadata has no argument for."""
     t, z = config.training, config.noise
@@ -361,6 +375,11 @@ def training_metadata(config: Config) -> dict:
         "ss_huber_c": t.huber_c,
         "ss_huber_schedule": t.huber_schedule,
         "ss_debiased_estimation": t.debiased_estimation,
+        "ss_lr_scheduler": t.lr_scheduler,
+        "ss_lr_warmup_steps": optimizers.warmup_steps(t.lr_warmup_steps, t.max_steps),
+        "ss_lr_scheduler_num_cycles": t.lr_scheduler_num_cycles,
+        "ss_lr_scheduler_power": t.lr_scheduler_power,
+        "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
         "ss_min_timestep": z.min_timestep,
         "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
     }
