@@ -72,7 +72,8 @@ class NoiseConfig:
 class TrainingConfig:
     output_dir: str = "output"
     output_name: str = "lora"
-    max_steps: int = 1000
+    max_steps: Optional[int] = None  # optimizer steps; 1000 unless max_train_epochs is set
+    max_train_epochs: Optional[int] = None  # train this many epochs instead of max_steps
     learning_rate: float = 1e-4
     text_encoder_lr: Optional[float] = None  # None: same as learning_rate
     lr_scheduler: str = "constant"
@@ -89,8 +90,13 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     seed: int = 42
     save_every_steps: int = 0  # 0 = save the adapter only at the end
+    save_every_n_epochs: int = 0  # also write {output_name}-{epoch:06d}.safetensors every N epochs
+    save_last_n_steps: int = 0  # keep only the step files of the last N steps (0 = all)
+    save_last_n_epochs: int = 0  # keep only the last N epoch files (0 = all)
     save_state_every_steps: int = 100  # resumable training state (the last 2 kept); 0 = never
     sample_every_steps: int = 0  # 0 = no sample images
+    sample_every_n_epochs: int = 0  # samples at the end of every N-th epoch (wins over sample_every_steps)
+    sample_at_first: bool = False  # samples before the first step
     # prompts (kohya prompt lines: "a dog --n blurry --w 768 --d 3"), or a kohya prompt file (.txt, .toml, .json)
     sample_prompts: str | list[str] = field(default_factory=list)
     sample_sampler: str = "ddim"  # kohya's names: ddim, euler, euler_a, dpmsolver++, dpm++_2m_karras, pndm, lms, heun, ...
@@ -389,7 +395,14 @@ def _validate(config: Config, source: str) -> None:
     require(not (z.zero_terminal_snr and m.prediction_type != "v_prediction"),
             "noise.zero_terminal_snr = true needs model.prediction_type = \"v_prediction\" "
             "(at the last timestep the input is pure noise, so an epsilon target carries no information)")
-    require(t.max_steps >= 1, f"training.max_steps must be >= 1, got {t.max_steps}")
+    require(t.max_steps is None or t.max_train_epochs is None,
+            "training.max_steps and training.max_train_epochs are both set: keep one (kohya lets epochs win; "
+            "lora-offset asks)")
+    if t.max_steps is None and t.max_train_epochs is None:
+        t.max_steps = 1000
+    require(t.max_steps is None or t.max_steps >= 1, f"training.max_steps must be >= 1, got {t.max_steps}")
+    require(t.max_train_epochs is None or t.max_train_epochs >= 1,
+            f"training.max_train_epochs must be >= 1, got {t.max_train_epochs}")
     require(t.learning_rate > 0, f"training.learning_rate must be > 0, got {t.learning_rate}")
     require(t.text_encoder_lr is None or t.text_encoder_lr >= 0,
             f"training.text_encoder_lr must be >= 0, got {t.text_encoder_lr}")
@@ -417,7 +430,8 @@ def _validate(config: Config, source: str) -> None:
             raise UserError(f"{source}: {e}") from None
     require(t.gradient_accumulation_steps >= 1,
             f"training.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}")
-    for key in ("save_every_steps", "save_state_every_steps", "sample_every_steps"):
+    for key in ("save_every_steps", "save_state_every_steps", "sample_every_steps", "save_every_n_epochs",
+                "save_last_n_steps", "save_last_n_epochs", "sample_every_n_epochs"):
         require(getattr(t, key) >= 0, f"training.{key} must be >= 0 (0 = off), got {getattr(t, key)}")
     require(t.sample_steps >= 1, f"training.sample_steps must be >= 1, got {t.sample_steps}")
     require(t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
@@ -425,8 +439,13 @@ def _validate(config: Config, source: str) -> None:
     require(t.max_nonfinite_steps >= 1, f"training.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     require(bool(t.output_name) and not re.search(r"[/\\]", t.output_name),
             f"training.output_name must be a file name without folders, got {t.output_name!r}")
-    require(t.sample_every_steps == 0 or bool(t.sample_prompts),
-            "training.sample_every_steps is set but training.sample_prompts is empty: add prompts or set it to 0")
+    for key in ("sample_every_steps", "sample_every_n_epochs", "sample_at_first"):
+        require(not getattr(t, key) or bool(t.sample_prompts),
+                f"training.{key} is set but training.sample_prompts is empty: add prompts or turn it off")
+    require(not t.save_last_n_steps or t.save_every_steps,
+            "training.save_last_n_steps keeps the newest step files: it needs training.save_every_steps")
+    require(not t.save_last_n_epochs or t.save_every_n_epochs,
+            "training.save_last_n_epochs keeps the newest epoch files: it needs training.save_every_n_epochs")
     _check_scheduler_name(t.lr_scheduler, source)
     _check_sample_settings(config, source)
     for key in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):

@@ -57,3 +57,31 @@ def test_bad_loss_and_timestep_settings_are_one_error(tmp_path, images, sets, me
     assert main(["train", "--config", str(config)] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
     assert message in err and "no-model" not in err
+
+
+def test_epochs_epoch_files_last_n_and_epoch_samples(tmp_path, tiny_model_dir):
+    """4 images, batch 2: 2 steps per epoch. 3 epochs = 6 steps; an epoch file after epochs 1 and 2 (the
+    last epoch is the final file), the last 1 kept; step files every step, the last 2 steps' kept;
+    samples before training and after epoch 2."""
+    images = make_images(tmp_path / "plain", 4)
+    config = write_config(tmp_path, tiny_model_dir, images, training={
+        "max_steps": None, "max_train_epochs": 3, "save_every_n_epochs": 1, "save_last_n_epochs": 1,
+        "save_every_steps": 1, "save_last_n_steps": 2, "sample_every_n_epochs": 2, "sample_at_first": True,
+        "sample_prompts": ["sks dog"], "sample_steps": 2})
+    assert main(["train", "--config", str(config)]) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "tiny-000002.safetensors", "tiny-step000003.safetensors", "tiny-step000004.safetensors",
+        "tiny-step000005.safetensors", "tiny.safetensors"]
+    final, epoch2 = metadata(out / "tiny.safetensors"), metadata(out / "tiny-000002.safetensors")
+    assert (final["ss_epoch"], final["ss_steps"], final["ss_num_epochs"], final["ss_max_train_steps"]) == ("3", "6", "3", "6")
+    assert (epoch2["ss_epoch"], epoch2["ss_steps"]) == ("2", "4")
+    assert metadata(out / "tiny-step000005.safetensors")["ss_epoch"] == "2"
+    samples = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert [name[:13] for name in samples] == ["step000000000", "step000000004"]
+
+
+def test_max_steps_and_max_train_epochs_together_is_an_error(tmp_path, images, capsys):
+    config = write_config(tmp_path, tmp_path / "no-model", images, training={"max_train_epochs": 2})
+    assert main(["train", "--config", str(config)]) == 2
+    assert "training.max_steps and training.max_train_epochs are both set: keep one" in capsys.readouterr().err

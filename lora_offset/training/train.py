@@ -29,6 +29,7 @@ from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.dataset import build_dataset
 from lora_offset.training import optimizers
 from lora_offset.training.samples import generate_class_images, write_samples
+from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state
 from lora_offset.training.step import StepParts, encode_images, optimizer_step
 from lora_offset.training.text import encode_prompts
@@ -78,6 +79,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     if generate_class_images(config, base, device):
         dataset = build_dataset(global_batch_cfg, seed=t.seed)
     check_caption_lengths(dataset.captions, tokenizer)
+    max_steps = total_steps(t.max_steps, t.max_train_epochs, dataset.steps_per_epoch, t.gradient_accumulation_steps)
+    calendar = Calendar(max_steps, dataset.steps_per_epoch, t.gradient_accumulation_steps)
 
     # ---- LoRA (fp32 weights) ----------------------------------------------------------------
     unet_params, te_params = add_networks(config, unet, text_encoder)
@@ -105,7 +108,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     groups = optimizers.param_groups(t.optimizer, lora_parameters(unet), te_lora, t.learning_rate, t.text_encoder_lr,
                                      net.loraplus_lr_ratio)
     optimizer = optimizers.make_optimizer(t.optimizer, groups, t.weight_decay, t.optimizer_args)
-    lr_scheduler = optimizers.make_lr_scheduler(t, optimizer, t.max_steps)
+    lr_scheduler = optimizers.make_lr_scheduler(t, optimizer, max_steps)
     if net.train_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
@@ -134,11 +137,27 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     nonfinite_in_a_row = 0
     skipped_steps = 0
 
+    def outputs(step: int, suffixes: list[str]) -> None:
+        """Samples (when due) and the adapter files `suffixes`, with the weights a save shows (main process)."""
+        accelerator.wait_for_everyone()
+        if not is_main:
+            return
+        with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
+            if sample_due(t, calendar, step):
+                write_samples(config, accelerator, base, unet, text_encoder, step, device)
+            for suffix in suffixes:
+                save_adapter(config, calendar, dataset, accelerator, unet, text_encoder, step, started_at,
+                             output_dir / f"{t.output_name}{suffix}.safetensors")
+        for old in files_to_remove(output_dir, t.output_name, t, step, calendar.epochs_completed(step)):
+            old.unlink(missing_ok=True)
+
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=t.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    if step == 0 and sample_due(t, calendar, 0):
+        outputs(0, [])
     # ---- the loop -----------------------------------------------------------------------------
-    while step < t.max_steps:
+    while step < max_steps:
         if hooks is not None:
             hooks.on_step_start(step)
         loss = optimizer_step(parts, step)
@@ -158,32 +177,23 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         lr_scheduler.step()
         step += 1
         progress.update(1)
-        if not stepped:
-            continue
-        if hooks is not None:
-            hooks.on_step_end(step, loss)
+        if stepped:
+            if hooks is not None:
+                hooks.on_step_end(step, loss)
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"loss": loss, "lr": lr, "skipped_steps": skipped_steps,
+                             "epoch": calendar.epochs_completed(step)}, step=step)
 
-        # ---- logs, samples, saves (main process writes; everyone waits) --------------------
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        accelerator.log({"loss": loss, "lr": lr, "skipped_steps": skipped_steps}, step=step)
-        if t.sample_every_steps and step % t.sample_every_steps == 0:
-            accelerator.wait_for_everyone()
-            if is_main:
-                with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
-                    write_samples(config, accelerator, base, unet, text_encoder, step, device)
-        if stop.requested or (t.save_state_every_steps and step % t.save_state_every_steps == 0 and step < t.max_steps):
+        # ---- resumable state, samples, intermediate adapters (main process writes; everyone waits)
+        if stop.requested or (t.save_state_every_steps and step % t.save_state_every_steps == 0 and step < max_steps):
             accelerator.wait_for_everyone()
             if is_main:
                 save_state(output_dir, step, started_at, unet, text_encoder, optimizer, lr_scheduler, generator,
                            accelerator, t.optimizer)
-        if t.save_every_steps and step % t.save_every_steps == 0 and step < t.max_steps or stop.requested:
-            accelerator.wait_for_everyone()
-            if is_main:
-                suffix = "" if stop.requested else f"-step{step:06d}"
-                with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
-                    save_adapter(config, dataset, accelerator, unet, text_encoder, step, started_at,
-                                 output_dir / f"{t.output_name}{suffix}.safetensors")
+        saves = [""] if stop.requested else saves_due(t, calendar, step)
+        if saves or sample_due(t, calendar, step):
+            outputs(step, saves)
         if stop.requested:
             progress.close()
             accelerator.end_training()
@@ -198,7 +208,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     adapter_path = config.adapter_path
     if is_main:
         with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
-            save_adapter(config, dataset, accelerator, unet, text_encoder, step, started_at, adapter_path)
+            save_adapter(config, calendar, dataset, accelerator, unet, text_encoder, step, started_at, adapter_path)
         log.info("saved %s", adapter_path)
     accelerator.end_training()
     stop.restore()
@@ -315,8 +325,8 @@ def install_sigint_handler() -> _StopFlag:
     return flag
 
 
-def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step: int, started_at: float,
-                 path: Path) -> Path:
+def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet, text_encoder, step: int,
+                 started_at: float, path: Path) -> Path:
     t, net, z = config.training, config.network, config.noise
     unet_model = accelerator.unwrap_model(unet)
     te_model = accelerator.unwrap_model(text_encoder) if net.train_text_encoder else None
@@ -334,7 +344,7 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         conv_alpha=net.conv_alpha,
         train_text_encoder=net.train_text_encoder,
         steps=step,
-        epoch=step // max(1, dataset.steps_per_epoch),
+        epoch=calendar.epochs_completed(step),
         resolution=config.dataset.resolution,
         learning_rate=t.learning_rate,
         unet_lr=t.learning_rate,
@@ -351,7 +361,7 @@ def save_adapter(config: Config, dataset, accelerator, unet, text_encoder, step:
         prior_loss_weight=t.prior_loss_weight,
         base_model_name=config.model.pretrained,
         extra={**base_precision.metadata(config.model.base_precision, compute_dtype(accelerator)),
-               **training_metadata(config)},
+               **training_metadata(config, calendar)},
     )
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
 
@@ -367,7 +377,7 @@ def optimizer_record(t) -> str:
     return optimizers.class_name(t.optimizer) + (f"({args})" if args else "")
 
 
-def training_metadata(config: Config) -> dict:
+def training_metadata(config: Config, calendar: Calendar) -> dict:
     """kohya's ss_* fields for the settings that ss_metadata has no argument for."""
     t, z = config.training, config.noise
     return {
@@ -376,7 +386,11 @@ def training_metadata(config: Config) -> dict:
         "ss_huber_schedule": t.huber_schedule,
         "ss_debiased_estimation": t.debiased_estimation,
         "ss_lr_scheduler": t.lr_scheduler,
-        "ss_lr_warmup_steps": optimizers.warmup_steps(t.lr_warmup_steps, t.max_steps),
+        "ss_lr_warmup_steps": optimizers.warmup_steps(t.lr_warmup_steps, calendar.max_steps),
+        "ss_max_train_steps": calendar.max_steps,
+        "ss_num_epochs": calendar.num_epochs,
+        "ss_num_batches_per_epoch": calendar.batches_per_epoch,
+        "ss_gradient_accumulation_steps": calendar.accumulation,
         "ss_lr_scheduler_num_cycles": t.lr_scheduler_num_cycles,
         "ss_lr_scheduler_power": t.lr_scheduler_power,
         "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
