@@ -82,6 +82,8 @@ class TrainingConfig:
     lr_scheduler_power: float = 1.0  # polynomial: power of the decay
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    clip_skip: int = 1  # 1 = CLIP's last layer; 2 = the penultimate one (NAI-derived models)
+    max_token_length: Literal[75, 150, 225] = 75  # caption tokens the text encoder sees (75 per chunk)
     optimizer: Literal["adamw8bit", "adamw", "pagedadamw8bit", "lion8bit", "lion", "prodigy", "adafactor",
                        "adamw_schedulefree"] = "adamw8bit"
     optimizer_args: dict[str, Any] = field(default_factory=dict)  # keywords for the optimizer's constructor
@@ -411,6 +413,8 @@ def _validate(config: Config, source: str) -> None:
             f"(0.05 = 5 %), got {t.lr_warmup_steps}")
     if t.lr_warmup_steps >= 1:
         t.lr_warmup_steps = int(t.lr_warmup_steps)
+    require(t.clip_skip >= 1, f"training.clip_skip must be >= 1 (1 = the last layer, 2 = the penultimate), "
+                              f"got {t.clip_skip}")
     require(t.lr_scheduler_num_cycles >= 1,
             f"training.lr_scheduler_num_cycles must be >= 1, got {t.lr_scheduler_num_cycles}")
     require(t.lr_scheduler_power > 0, f"training.lr_scheduler_power must be > 0, got {t.lr_scheduler_power}")

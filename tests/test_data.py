@@ -195,7 +195,8 @@ def test_check_caption_lengths_warns_about_long_captions(tmp_path, caplog):
         assert check_caption_lengths([short, long, long], tok) == [long]
     assert len(caplog.records) == 1
     msg = caplog.records[0].getMessage()
-    assert msg.startswith("1 caption(s) are longer than 77 tokens; the text encoder sees only the first 77:\n  (")
+    assert msg.startswith("1 caption(s) are longer than 75 tokens; the text encoder sees only the first 75; "
+                          "training.max_token_length = 150 or 225 lets it see more:\n  (")
     assert msg.endswith(f" tokens) {long}")
     caplog.clear()
     assert check_caption_lengths([short], tok) == []

@@ -85,3 +85,48 @@ def test_max_steps_and_max_train_epochs_together_is_an_error(tmp_path, images, c
     config = write_config(tmp_path, tmp_path / "no-model", images, training={"max_train_epochs": 2})
     assert main(["train", "--config", str(config)]) == 2
     assert "training.max_steps and training.max_train_epochs are both set: keep one" in capsys.readouterr().err
+
+
+def test_clip_skip_2_and_225_token_captions_in_training_samples_and_eval(tmp_path, tiny_model_dir, monkeypatch,
+                                                                          caplog):
+    """A 150-token caption under max_token_length 225 is not cut; every caption, sample prompt and eval
+    prompt goes through the penultimate layer (clip skip 2) in 227-state encodings."""
+    import json
+    import logging
+
+    from lora_offset.tiny import build_tiny_components
+    from lora_offset.training import text
+    from tests.test_text import caption_of
+
+    tokenizer = build_tiny_components(seed=0)["tokenizer"]
+    long_caption = caption_of(tokenizer, 150)
+    images = make_images(tmp_path / "plain", 2)
+    for png in images.glob("*.png"):
+        png.with_suffix(".txt").write_text(long_caption, encoding="utf-8")
+    calls = []
+    real = text.encode_tokens
+
+    def recording(text_encoder, ids, clip_skip=1):
+        states = real(text_encoder, ids, clip_skip)
+        calls.append((clip_skip, tuple(states.shape[:2])))
+        return states
+
+    monkeypatch.setattr(text, "encode_tokens", recording)
+    config = write_config(tmp_path, tiny_model_dir, images, training={
+        "max_steps": 2, "clip_skip": 2, "max_token_length": 225, "sample_every_steps": 2,
+        "sample_prompts": [long_caption], "sample_steps": 2})
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--config", str(config)]) == 0
+    assert "longer than" not in caplog.text
+    assert calls and all(skip == 2 and length == 227 for skip, (_, length) in calls), calls
+    adapter = tmp_path / "out" / "tiny.safetensors"
+    meta = metadata(adapter)
+    assert (meta["ss_clip_skip"], meta["ss_max_token_length"]) == ("2", "225")
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
+
+    calls.clear()
+    out = tmp_path / "eval"
+    assert main(["eval", "--base", str(tiny_model_dir), "--lora", str(adapter), "--prompt", "sks dog", "--n", "1",
+                 "--steps", "2", "--resolution", "64", "--clip-skip", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["clip_skip"] == 2
+    assert calls and all(skip == 2 and length == 77 for skip, (_, length) in calls)  # eval keeps 75 tokens

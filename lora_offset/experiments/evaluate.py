@@ -242,7 +242,7 @@ def _versions() -> dict:
 def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: Sequence[str] = ("a photo",),
              n: int = 16, steps: int = 30, seed: int = 0, out: str | os.PathLike = "eval", *,
              guidance_scale: float = 7.5, resolution: int = 512, allow_pickle: bool = False,
-             negative_prompt: str = "", batch_size: int = 4, components: dict | None = None,
+             negative_prompt: str = "", batch_size: int = 4, clip_skip: int = 1, components: dict | None = None,
              log: Callable[[str], None] | None = None) -> dict:
     """Generate N images per setting and prompt, write the report files into `out`, return the report.
 
@@ -251,7 +251,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     already-loaded base components {unet, vae, text_encoder, tokenizer, and scheduler_config (a
     dict) or scheduler} used instead of loading `base` (the demo and tests use it); they must not
     carry a LoRA already, and are moved to the evaluation device. `log` gets one progress line
-    per setting and prompt.
+    per setting and prompt. `clip_skip`: 2 encodes the prompts from CLIP's penultimate layer, as a
+    LoRA trained with training.clip_skip = 2 expects (lora_offset.training.text).
     """
     from lora_offset.experiments.sample import ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded, to_pil, to_unit_range
 
@@ -262,6 +263,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
         raise UserError("give at least one --prompt")
     if n < 1 or steps < 1:
         raise UserError(f"--n and --steps must be at least 1 (got n={n}, steps={steps})")
+    if clip_skip < 1:
+        raise UserError(f"--clip-skip must be at least 1 (1 = CLIP's last layer), got {clip_skip}")
     if resolution < 8 or resolution % 8:
         raise UserError(f"--resolution must be a positive multiple of 8, got {resolution}")
     lora_files = [read_lora_file(s.path) for s in specs]  # fail fast, before loading the base model
@@ -279,7 +282,7 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     report = {"settings": {}, "config": {
         "base": str(base), "loras": [{"path": str(s.path), "weight": s.weight} for s in specs],
         "prompts": prompts, "n": n, "steps": steps, "seed": seed, "guidance_scale": guidance_scale,
-        "resolution": resolution, "negative_prompt": negative_prompt, "device": str(device),
+        "resolution": resolution, "negative_prompt": negative_prompt, "clip_skip": clip_skip, "device": str(device),
         "luminance": "Rec. 709 (0.2126 R + 0.7152 G + 0.0722 B) on sRGB values in [0, 1]",
     }, "versions": _versions()}
     histograms: dict[str, dict[str, list[float]]] = {}
@@ -311,7 +314,7 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
                         f"{', zero terminal SNR' if sampling.zero_terminal_snr else ''})")
                 decoded = generate_decoded(pipe, [prompt] * n, seeds, steps=steps, guidance_scale=guidance_scale,
                                            height=resolution, width=resolution, negative_prompt=negative_prompt,
-                                           batch_size=batch_size).numpy()
+                                           batch_size=batch_size, clip_skip=clip_skip).numpy()
                 images = to_unit_range(decoded)
                 stats = brightness_stats(images, unclamped=np.transpose(decoded, (0, 2, 3, 1)) / 2 + 0.5)
                 grid_name = f"grid_{name}_{p_index:02d}_{_slug(prompt)}.png"
@@ -419,6 +422,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (default 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="images generated at once (default 4)")
+    parser.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                        help="encode prompts from CLIP's N-th layer from the end, as the LoRA was trained "
+                             "(training.clip_skip; default 1 = the last layer)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt) base checkpoint (weights only)")
 
 
@@ -426,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.base, [parse_lora_spec(s) for s in args.lora], args.prompt, n=args.n, steps=args.steps,
                       seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
                       allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                      log=lambda line: print(line, file=sys.stderr, flush=True))
+                      clip_skip=args.clip_skip, log=lambda line: print(line, file=sys.stderr, flush=True))
     for name, entry in report["settings"].items():
         for prompt, s in entry["prompts"].items():
             print(f"{name:>20}  mean {s['mean_luminance']:.3f} ± {s['std_luminance']:.3f}  "

@@ -139,8 +139,11 @@ def _autocast(pipe):
 def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30,
                      guidance_scale: float = 7.5, guidance_rescale: float | None = None,
                      height: int = 512, width: int = 512, negative_prompt: str | None = "",
-                     batch_size: int = 4) -> torch.Tensor:
+                     batch_size: int = 4, clip_skip: int = 1, max_token_length: int = 75) -> torch.Tensor:
     """Generate one image per (prompt, seed) pair; return the raw VAE decode, float32 (N, 3, H, W).
+
+    clip_skip / max_token_length: how the prompts are encoded (lora_offset.training.text, as in
+    training); with the defaults (1, 75) the pipeline encodes them itself, which is the same encoding.
 
     Values are in the VAE's [-1, 1] range but NOT clamped: an under-trained or noisy sample
     overshoots both ends, and clamping it would fake a mid-gray mean. Image i starts from
@@ -168,8 +171,7 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
                 for g in generators
             ]).to(device=device, dtype=pipe.unet.dtype)
             latents = pipe(
-                prompt=chunk,
-                negative_prompt=[negative_prompt or ""] * len(chunk),
+                **_prompt_inputs(pipe, chunk, [negative_prompt or ""] * len(chunk), clip_skip, max_token_length),
                 height=height, width=width,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
@@ -181,6 +183,19 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
             image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
             decoded.append(image.float().cpu())
     return torch.cat(decoded)
+
+
+def _prompt_inputs(pipe, prompts: list[str], negative: list[str], clip_skip: int, max_token_length: int) -> dict:
+    """The pipeline's prompt arguments: the texts, or their embeddings when clip skip or long prompts are on.
+
+    (diffusers' own clip_skip reaches for `text_encoder.text_model`, which transformers 5 removed.)
+    """
+    if clip_skip == 1 and max_token_length == 75:
+        return {"prompt": prompts, "negative_prompt": negative}
+    from lora_offset.training.text import encode_prompts
+
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts + negative, clip_skip, max_token_length)
+    return {"prompt_embeds": embeds[:len(prompts)], "negative_prompt_embeds": embeds[len(prompts):]}
 
 
 def to_unit_range(decoded: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -198,14 +213,16 @@ def to_pil(images: np.ndarray) -> list:
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30,
              guidance_scale: float = 7.5, guidance_rescale: float | None = None,
-             height: int = 512, width: int = 512, negative_prompt: str = "", batch_size: int = 4) -> list:
+             height: int = 512, width: int = 512, negative_prompt: str = "", batch_size: int = 4,
+             clip_skip: int = 1, max_token_length: int = 75) -> list:
     """One PIL image per (prompt, seed) pair; deterministic per seed.
 
     guidance_rescale None means 0.7 for a zero-terminal-SNR scheduler and 0 otherwise.
     """
     decoded = generate_decoded(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, height=height, width=width,
-                               negative_prompt=negative_prompt, batch_size=batch_size)
+                               negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
+                               max_token_length=max_token_length)
     return to_pil(to_unit_range(decoded))
 
 

@@ -30,7 +30,9 @@ def generate_class_images(config: Config, base, device) -> bool:
         log.info("generating %d class images for %r in %s", count, subset.class_tokens, subset.image_dir)
         seeds = [config.training.seed * 100_000 + i for i in range(count)]
         images = sample.generate(pipe, [subset.class_tokens] * count, seeds, steps=config.training.sample_steps,
-                                 guidance_scale=config.training.sample_guidance_scale, height=size, width=size)
+                                 guidance_scale=config.training.sample_guidance_scale, height=size, width=size,
+                                 clip_skip=config.training.clip_skip,
+                                 max_token_length=config.training.max_token_length)
         folder = Path(subset.image_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for seed, image in zip(seeds, images):
@@ -79,7 +81,8 @@ def write_samples(config: Config, accelerator, base, unet, text_encoder, step: i
                                                    prediction_type=config.model.prediction_type,
                                                    zero_terminal_snr=config.noise.zero_terminal_snr)
         images += sample.generate(pipe, [p.prompt], [p.seed], steps=p.steps, guidance_scale=p.guidance_scale,
-                                  height=p.height, width=p.width, negative_prompt=p.negative_prompt)
+                                  height=p.height, width=p.width, negative_prompt=p.negative_prompt,
+                                  clip_skip=t.clip_skip, max_token_length=t.max_token_length)
     sample.save_samples(images, Path(t.output_dir) / "samples", step, [p.prompt for p in prompts])
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     if tracker is not None:

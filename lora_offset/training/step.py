@@ -93,7 +93,7 @@ def batch_loss(parts: StepParts, batch) -> torch.Tensor:
     if parts.text_cache is not None:
         cond = torch.stack([parts.text_cache[c] for c in captions]).to(device, parts.weight_dtype)
     else:
-        cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions)
+        cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions, t.clip_skip, t.max_token_length)
     with accelerator.autocast():
         pred = parts.forward_unet(noisy_latents.to(parts.weight_dtype), timesteps, cond).sample
     huber_c = None

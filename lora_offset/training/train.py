@@ -32,7 +32,7 @@ from lora_offset.training.samples import generate_class_images, write_samples
 from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state
 from lora_offset.training.step import StepParts, encode_images, optimizer_step
-from lora_offset.training.text import encode_prompts
+from lora_offset.training.text import encode_prompts, num_layers
 
 log = logging.getLogger("lora_offset")
 
@@ -78,7 +78,10 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     # Prior preservation: generate the class images that are missing, with the untouched base model.
     if generate_class_images(config, base, device):
         dataset = build_dataset(global_batch_cfg, seed=t.seed)
-    check_caption_lengths(dataset.captions, tokenizer)
+    check_caption_lengths(dataset.captions, tokenizer, t.max_token_length)
+    if t.clip_skip > num_layers(text_encoder):
+        raise UserError(f"training.clip_skip = {t.clip_skip} is more than the text encoder's "
+                        f"{num_layers(text_encoder)} layers (SD 1.x: 12; clip skip 2 is the usual choice)")
     max_steps = total_steps(t.max_steps, t.max_train_epochs, dataset.steps_per_epoch, t.gradient_accumulation_steps)
     calendar = Calendar(max_steps, dataset.steps_per_epoch, t.gradient_accumulation_steps)
 
@@ -97,7 +100,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     text_cache = None
     if t.cache_text_embeddings and not net.train_text_encoder and dataset.caption_set() is not None:
         with torch.no_grad():
-            text_cache = {c: encode_prompts(tokenizer, text_encoder, [c])[0].cpu() for c in dataset.caption_set()}
+            text_cache = {c: encode_prompts(tokenizer, text_encoder, [c], t.clip_skip, t.max_token_length)[0].cpu()
+                          for c in dataset.caption_set()}
         text_encoder.to("cpu")
     unet.to(device)
     if t.channels_last:
@@ -381,6 +385,8 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
     """kohya's ss_* fields for the settings that ss_metadata has no argument for."""
     t, z = config.training, config.noise
     return {
+        "ss_clip_skip": t.clip_skip,
+        "ss_max_token_length": t.max_token_length,
         "ss_loss_type": t.loss_type,
         "ss_huber_c": t.huber_c,
         "ss_huber_schedule": t.huber_schedule,

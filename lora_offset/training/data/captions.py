@@ -48,18 +48,21 @@ def count_tags(captions: Iterable[str]) -> dict[str, int]:
     return counts
 
 
-def check_caption_lengths(captions: Iterable[str], tokenizer, max_tokens: int = 77) -> list[str]:
-    """Warn (one warning) about captions whose token count, BOS/EOS included, exceeds `max_tokens`.
+def check_caption_lengths(captions: Iterable[str], tokenizer, max_token_length: int = 75) -> list[str]:
+    """Warn (one warning) about captions of more than `max_token_length` tokens (BOS/EOS not counted).
 
-    The text encoder sees only the first `max_tokens`; the rest is cut. Returns the long captions.
+    The text encoder sees only the first `max_token_length` (training.max_token_length); the rest is
+    cut. Returns the long captions.
     """
     captions = list(dict.fromkeys(captions))
     if not captions:
         return []
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
-    long = [(n, c) for n, c in zip(lengths, captions) if n > max_tokens]
+    lengths = [len(ids) for ids in tokenizer(captions, add_special_tokens=False, truncation=False,
+                                             verbose=False)["input_ids"]]
+    long = [(n, c) for n, c in zip(lengths, captions) if n > max_token_length]
     if long:
         lines = "\n".join(f"  ({n} tokens) {c}" for n, c in long)
-        log.warning("%d caption(s) are longer than %d tokens; the text encoder sees only the first %d:\n%s",
-                    len(long), max_tokens, max_tokens, lines)
+        more = "" if max_token_length == 225 else "; training.max_token_length = 150 or 225 lets it see more"
+        log.warning("%d caption(s) are longer than %d tokens; the text encoder sees only the first %d%s:\n%s",
+                    len(long), max_token_length, max_token_length, more, lines)
     return [c for _, c in long]
