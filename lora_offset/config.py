@@ -131,6 +131,18 @@ class SubsetConfig:
     keep_tokens: int = 0
     flip_aug: bool = False
     num_class_images: int = 0  # reg subsets: generate images with the base model until this many exist
+    # kohya's caption options (names, meanings and defaults): see training/data/captions.py
+    caption_prefix: Optional[str] = None
+    caption_suffix: Optional[str] = None
+    caption_dropout_rate: float = 0.0  # the whole caption becomes "" with this probability
+    caption_dropout_every_n_epochs: int = 0  # ... and in every N-th epoch
+    caption_tag_dropout_rate: float = 0.0  # each (not kept) tag is dropped with this probability
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""  # tags before it stay first (and after a second one, last)
+    secondary_separator: Optional[str] = None  # replaced by caption_separator after shuffling
+    enable_wildcard: bool = False  # {a|b} picks one; a multi-line caption file gives one random line
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0  # grow the number of tags over this many steps (fraction when < 1)
 
 
 @dataclass
@@ -472,6 +484,15 @@ def _validate(config: Config, source: str) -> None:
                 f"{key}.num_class_images is only for regularization subsets (is_reg = true)")
         require(not (s.is_reg and s.num_class_images > 0 and not s.class_tokens),
                 f"{key}: generating class images needs class_tokens (the class prompt, e.g. \"dog\")")
+        for rate in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            require(0 <= getattr(s, rate) <= 1, f"{key}.{rate} must be in [0, 1], got {getattr(s, rate)}")
+        require(s.caption_dropout_every_n_epochs >= 0,
+                f"{key}.caption_dropout_every_n_epochs must be >= 0 (0 = off), got {s.caption_dropout_every_n_epochs}")
+        require(bool(s.caption_separator), f"{key}.caption_separator must not be empty")
+        require(s.token_warmup_min >= 0, f"{key}.token_warmup_min must be >= 0, got {s.token_warmup_min}")
+        require(s.token_warmup_step >= 0 and (s.token_warmup_step < 1 or float(s.token_warmup_step).is_integer()),
+                f"{key}.token_warmup_step must be a whole number of steps or a fraction of the training below 1, "
+                f"got {s.token_warmup_step}")
         require(s.caption_extension.startswith("."),
                 f"{key}.caption_extension must start with '.', e.g. \".txt\", got {s.caption_extension!r}")
     require(any(not s.is_reg for s in d.subsets), "every dataset subset has is_reg = true: add an instance subset")

@@ -16,7 +16,7 @@ from lora_offset.config import DatasetConfig, SubsetConfig
 from lora_offset.training.data import dataset as dataset_module
 from lora_offset.training.data.buckets import (bucket_resolutions, center_crop_box, image_bucket, nearest_bucket,
                                                no_upscale_bucket)
-from lora_offset.training.data.captions import check_caption_lengths, shuffle_tags, split_tags
+from lora_offset.training.data.captions import check_caption_lengths, process_caption
 from lora_offset.training.data.dataset import build_dataset
 from lora_offset.training.data.images import load_image, to_tensor
 from lora_offset.training.data.scan import missing_class_images
@@ -130,18 +130,22 @@ def test_empty_caption_files_fall_back_to_class_tokens_with_one_warning(tmp_path
                                               f"class_tokens:\n  {folder / 'a.txt'}\n  {folder / 'b.txt'}")
 
 
-def test_shuffle_tags_keeps_the_first_keep_tokens():
+def test_shuffle_caption_keeps_the_first_keep_tokens():
+    def shuffled(caption: str, keep_tokens: int, g: torch.Generator) -> str:
+        subset = SubsetConfig(image_dir="x", shuffle_caption=True, keep_tokens=keep_tokens)
+        return process_caption(caption, subset, g, epoch=1, step=0)
+
     caption = "sks dog, red collar, grass, sunny, park, bokeh"
     seen = set()
     for k in range(30):
-        out = shuffle_tags(caption, 2, torch.Generator().manual_seed(k))
+        out = shuffled(caption, 2, torch.Generator().manual_seed(k))
         tags = out.split(", ")
         assert tags[:2] == ["sks dog", "red collar"]
-        assert sorted(tags) == sorted(split_tags(caption))
+        assert sorted(tags) == sorted(caption.split(", "))
         seen.add(out)
     assert len(seen) > 5  # it really shuffles
-    assert shuffle_tags("only, two", 5, torch.Generator()) == "only, two"
-    assert shuffle_tags(" a ,b,  c", 3, torch.Generator()) == "a, b, c"
+    assert shuffled("only, two", 5, torch.Generator()) == "only, two"
+    assert shuffled(" a ,b,  c", 3, torch.Generator()) == "a, b, c"
 
 
 def test_shuffled_captions_in_batches_are_deterministic(tmp_path):

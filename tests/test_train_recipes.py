@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import toml
 import torch
 from safetensors import safe_open
 
@@ -130,3 +131,24 @@ def test_clip_skip_2_and_225_token_captions_in_training_samples_and_eval(tmp_pat
                  "--steps", "2", "--resolution", "64", "--clip-skip", "2", "--out", str(out)]) == 0
     assert json.loads((out / "report.json").read_text())["config"]["clip_skip"] == 2
     assert calls and all(skip == 2 and length == 77 for skip, (_, length) in calls)  # eval keeps 75 tokens
+
+
+def test_caption_dropout_trains_from_the_cache_with_the_empty_caption(tmp_path, tiny_model_dir, monkeypatch):
+    """Every caption a step uses comes from the cache, the empty one included; nothing is encoded after it."""
+    from lora_offset.training import text
+
+    encoded = []
+    real = text.tokenize
+
+    def recording(tokenizer, prompts, max_token_length=75):
+        encoded.extend(prompts)
+        return real(tokenizer, prompts, max_token_length)
+
+    monkeypatch.setattr(text, "tokenize", recording)
+    images = make_images(tmp_path / "plain", 4)
+    config = write_config(tmp_path, tiny_model_dir, images, training={"max_steps": 4})
+    data = toml.loads(config.read_text())
+    data["dataset"]["subsets"][0].update(caption_dropout_rate=0.5, caption_prefix="photo of")
+    config.write_text(toml.dumps(data))
+    assert main(["train", "--config", str(config)]) == 0
+    assert sorted(encoded) == ["", "photo of sks dog"]  # the cache, built once

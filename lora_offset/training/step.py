@@ -36,6 +36,7 @@ class StepParts:
     alphas_cumprod: torch.Tensor  # float32, on the device
     num_train_timesteps: int
     weight_dtype: torch.dtype
+    max_steps: int  # of the run (a fractional caption token_warmup_step is a share of it)
 
 
 def optimizer_step(parts: StepParts, step: int) -> float:
@@ -43,7 +44,8 @@ def optimizer_step(parts: StepParts, step: int) -> float:
     t, accelerator, optimizer = parts.config.training, parts.accelerator, parts.optimizer
     loss_sum = 0.0
     for micro in range(t.gradient_accumulation_steps):
-        batch = parts.dataset.batch(step * t.gradient_accumulation_steps + micro)
+        batch = parts.dataset.batch(step * t.gradient_accumulation_steps + micro, optimizer_step=step,
+                                    max_steps=parts.max_steps)
         with accelerator.accumulate(parts.unet):
             loss = batch_loss(parts, batch)
             if not finite_everywhere(accelerator, loss):

@@ -132,7 +132,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_cache=text_cache, optimizer=optimizer,
         trainable=unet_params + te_params, dataset=dataset, generator=generator,
         alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
-        num_train_timesteps=scheduler.config.num_train_timesteps, weight_dtype=weight_dtype,
+        num_train_timesteps=scheduler.config.num_train_timesteps, weight_dtype=weight_dtype, max_steps=max_steps,
     )
 
     if is_main:

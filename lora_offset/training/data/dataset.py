@@ -14,7 +14,7 @@ import torch
 from lora_offset.errors import UserError
 from lora_offset.training.data import cache
 from lora_offset.training.data.buckets import SIZE_MULTIPLE, Size, bucket_resolutions, image_bucket
-from lora_offset.training.data.captions import count_tags, shuffle_tags
+from lora_offset.training.data.captions import count_tags, fixed_caption, is_fixed, process_caption
 from lora_offset.training.data.images import fit_to_bucket, load_image, one_line, to_tensor
 from lora_offset.training.data.scan import ImageEntry, ScanReport, scan_subset, warn_report
 
@@ -114,15 +114,26 @@ class DreamBoothDataset:
 
     @property
     def captions(self) -> list[str]:
-        """The distinct captions as written (before any shuffle), for check_caption_lengths."""
-        return sorted({e.caption for e in self.entries})
+        """The distinct captions with prefix and suffix, each line of a wildcard caption on its own, before
+        any random change (for check_caption_lengths)."""
+        texts = set()
+        for e in self.entries:
+            subset = self.subsets[e.subset]
+            text = fixed_caption(e.caption, subset) if is_fixed(subset) else e.caption
+            texts.update(text.split("\n"))
+        return sorted(texts)
 
     def caption_set(self) -> list[str] | None:
-        """Every caption a batch can carry (for a text-embedding cache); None if a subset shuffles captions."""
-        used = {e.subset for e in self.entries}
-        if any(self.subsets[i].shuffle_caption for i in used):
+        """Every caption a batch can carry (for a text-embedding cache): each image's fixed caption, and the
+        empty caption when a subset drops captions. None when a subset's captions change from use to use
+        (shuffle, wildcards, tag dropout, token warm-up): those are encoded as they come."""
+        used = [self.subsets[i] for i in sorted({e.subset for e in self.entries})]
+        if not all(is_fixed(s) for s in used):
             return None
-        return self.captions
+        texts = {fixed_caption(e.caption, self.subsets[e.subset]) for e in self.entries}
+        if any(s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0 for s in used):
+            texts.add("")
+        return sorted(texts)
 
     @property
     def latents_cached(self) -> bool:
@@ -173,9 +184,13 @@ class DreamBoothDataset:
             reg = [self._reg_item(start + k) for k in range(len(instance))]
         return instance, reg, size
 
-    def batch(self, step: int) -> Batch:
-        """The batch of global step `step`: same (seed, step), same batch, in any process."""
+    def batch(self, step: int, *, optimizer_step: int | None = None, max_steps: int | None = None) -> Batch:
+        """The batch number `step` (a micro-batch of the global batch): same (seed, step), same batch, in any
+        process. `optimizer_step` (default: `step`) drives caption token warm-up; `max_steps` turns a
+        fractional token_warmup_step into steps."""
         instance, reg, size = self.batch_plan(step)
+        epoch = step // self.steps_per_epoch + 1  # counted from 1, as kohya's caption_dropout_every_n_epochs
+        optimizer_step = step if optimizer_step is None else optimizer_step
         g = _generator(self.seed, "augment", step)
         captions, flips = [], []
         for i in instance + reg:
@@ -183,10 +198,8 @@ class DreamBoothDataset:
             subset = self.subsets[entry.subset]
             flip = bool(torch.rand((), generator=g) < 0.5)  # drawn always, so one subset's setting moves no other's
             flips.append(flip and subset.flip_aug)
-            caption = entry.caption
-            if subset.shuffle_caption:
-                caption = shuffle_tags(caption, subset.keep_tokens, g)
-            captions.append(caption)
+            captions.append(process_caption(entry.caption, subset, g, epoch=epoch, step=optimizer_step,
+                                            max_steps=max_steps))
         indices = instance + reg
         batch = Batch(captions=captions,
                       is_reg=torch.tensor([False] * len(instance) + [True] * len(reg), dtype=torch.bool),

@@ -82,7 +82,7 @@ def scan_subset(subset, index: int, report: ScanReport) -> list[tuple[Path, Size
         caption = ""
         if caption_path.is_file():
             try:
-                caption, latin1 = read_caption_file(caption_path)
+                caption, latin1 = read_caption_file(caption_path, all_lines=subset.enable_wildcard)
             except OSError as e:
                 raise UserError(f"cannot read caption file '{caption_path}' ({e.strerror}); fix its permissions")
             if latin1:
