@@ -52,6 +52,8 @@ class NetworkConfig:
     loha_rank: Optional[int] = None  # LoHa: rank of each Hadamard factor (PEFT LoHaConfig.r); None = rank
     lokr_factor: int = -1  # LoKr: PEFT LoKrConfig.decompose_factor; -1 = split near the square root
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: the up matrices learn this many times faster
+    weights: Optional[str] = None  # start from this LoRA file (kohya, diffusers or PEFT)
+    dim_from_weights: bool = False  # take rank/alpha/conv_rank/conv_alpha from `weights`
 
 
 @dataclass
@@ -430,6 +432,13 @@ def _validate(config: Config, source: str) -> None:
     require(t.lr_scheduler_num_cycles >= 1,
             f"training.lr_scheduler_num_cycles must be >= 1, got {t.lr_scheduler_num_cycles}")
     require(t.lr_scheduler_power > 0, f"training.lr_scheduler_power must be > 0, got {t.lr_scheduler_power}")
+    require(not n.weights or n.type == "lora",
+            f"network.weights starts a LoRA from a LoRA file; network.type = {n.type!r} cannot start from it: "
+            "remove network.weights or train a LoRA")
+    require(n.loraplus_lr_ratio is None or n.type == "lora",
+            f"network.loraplus_lr_ratio speeds up a LoRA's up matrices; network.type = {n.type!r} has none: remove it")
+    require(not n.dim_from_weights or bool(n.weights),
+            "network.dim_from_weights = true needs network.weights (the LoRA file to take the dimensions from)")
     require(n.loraplus_lr_ratio is None or n.loraplus_lr_ratio > 0,
             f"network.loraplus_lr_ratio must be > 0 (kohya suggests 16), got {n.loraplus_lr_ratio}")
     if t.optimizer == "adamw_schedulefree":

@@ -22,6 +22,8 @@ import re
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 
+from lora_offset.errors import UserError
+
 ADAPTER_NAME = "default"
 NETWORK_TYPES = ("lora", "loha", "lokr")
 # Parameter-name prefixes of PEFT's LoraModel, LoHaModel and LoKrModel (their `prefix` attribute).
@@ -40,15 +42,17 @@ TEXT_ENCODER_TARGETS = r"(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_pro
 
 
 def unet_lora_config(rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0,
-                     dropout: float = 0.0) -> LoraConfig:
-    """LoraConfig for the UNet: attention targets, plus ResNet/sampler convs when conv_rank > 0."""
+                     dropout: float = 0.0, overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig:
+    """LoraConfig for the UNet: attention targets, plus ResNet/sampler convs when conv_rank > 0.
+
+    `overrides`: {module path: (rank, alpha)} for single modules (a LoRA file with per-module ranks).
+    """
     target = UNET_ATTENTION_TARGETS
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
+    rank_pattern, alpha_pattern = _module_patterns(overrides)
     if conv_rank > 0:
         target = f"({UNET_ATTENTION_TARGETS}|{UNET_CONV_3X3_TARGETS}|{UNET_CONV_RANK_TARGETS})"
-        rank_pattern = {UNET_CONV_3X3_TARGETS: conv_rank}
-        alpha_pattern = {UNET_CONV_3X3_TARGETS: conv_alpha}
+        rank_pattern[UNET_CONV_3X3_TARGETS] = conv_rank
+        alpha_pattern[UNET_CONV_3X3_TARGETS] = conv_alpha
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -60,27 +64,41 @@ def unet_lora_config(rank: int, alpha: float, conv_rank: int = 0, conv_alpha: fl
     )
 
 
-def text_encoder_lora_config(rank: int, alpha: float, dropout: float = 0.0) -> LoraConfig:
+def text_encoder_lora_config(rank: int, alpha: float, dropout: float = 0.0,
+                             overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig:
+    rank_pattern, alpha_pattern = _module_patterns(overrides)
     return LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-        target_modules=TEXT_ENCODER_TARGETS,
+        target_modules=TEXT_ENCODER_TARGETS, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
     )
 
 
+def _module_patterns(overrides: dict[str, tuple[int, float]] | None) -> tuple[dict, dict]:
+    # PEFT takes the first pattern that matches a module name's end: exact module names go first.
+    ranks, alphas = {}, {}
+    for path, (rank, alpha) in (overrides or {}).items():
+        key = re.escape(path.removeprefix("text_model."))  # a pattern matches the end of a module name
+        ranks[key], alphas[key] = rank, alpha
+    return ranks, alphas
+
+
 def unet_network_config(network_type: str, rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0,
-                        dropout: float = 0.0, lokr_factor: int = -1) -> LoraConfig | LoHaConfig | LoKrConfig:
-    """The PEFT config of a LoRA, LoHa or LoKr on the UNet's kohya targets (conv ones when conv_rank > 0)."""
+                        dropout: float = 0.0, lokr_factor: int = -1,
+                        overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig | LoHaConfig | LoKrConfig:
+    """The PEFT config of a LoRA, LoHa or LoKr on the UNet's kohya targets (conv ones when conv_rank > 0);
+    `overrides` (LoRA): per-module (rank, alpha), see unet_lora_config."""
     if network_type == "lora":
-        return unet_lora_config(rank, alpha, conv_rank, conv_alpha, dropout)
+        return unet_lora_config(rank, alpha, conv_rank, conv_alpha, dropout, overrides)
     lora = unet_lora_config(rank, alpha, conv_rank, conv_alpha)
     return _lycoris_config(network_type, rank, alpha, lora.target_modules, lora.rank_pattern, lora.alpha_pattern,
                            lokr_factor)
 
 
 def text_encoder_network_config(network_type: str, rank: int, alpha: float, dropout: float = 0.0,
-                                lokr_factor: int = -1) -> LoraConfig | LoHaConfig | LoKrConfig:
+                                lokr_factor: int = -1, overrides: dict[str, tuple[int, float]] | None = None
+                                ) -> LoraConfig | LoHaConfig | LoKrConfig:
     if network_type == "lora":
-        return text_encoder_lora_config(rank, alpha, dropout)
+        return text_encoder_lora_config(rank, alpha, dropout, overrides)
     return _lycoris_config(network_type, rank, alpha, TEXT_ENCODER_TARGETS, {}, {}, lokr_factor)
 
 
@@ -95,11 +113,17 @@ def _lycoris_config(network_type: str, rank: int, alpha: float, targets, rank_pa
     raise ValueError(f"unknown network type {network_type!r}; expected one of {', '.join(NETWORK_TYPES)}")
 
 
-def network_configs(net) -> tuple:
-    """(UNet config, text-encoder config or None) for a config's [network] section (lora_offset.config.NetworkConfig)."""
+def network_configs(net, overrides: dict | None = None) -> tuple:
+    """(UNet config, text-encoder config or None) for a config's [network] section (lora_offset.config.NetworkConfig).
+    `overrides`: {"unet" | "text_encoder": {module path: (rank, alpha)}} of network.dim_from_weights."""
+    overrides = overrides or {}
     rank = net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank
-    unet = unet_network_config(net.type, rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.lokr_factor)
-    te = text_encoder_network_config(net.type, rank, net.alpha, net.dropout, net.lokr_factor) if net.train_text_encoder else None
+    unet = unet_network_config(net.type, rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.lokr_factor,
+                               overrides.get("unet"))
+    te = None
+    if net.train_text_encoder:
+        te = text_encoder_network_config(net.type, rank, net.alpha, net.dropout, net.lokr_factor,
+                                         overrides.get("text_encoder"))
     return unet, te
 
 
@@ -138,3 +162,82 @@ def lora_parameter_count(model: torch.nn.Module) -> int:
 
 def matches(pattern: str, name: str) -> bool:
     return re.fullmatch(pattern, name) is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting from an existing LoRA (network.weights): kohya, diffusers or PEFT files, as `convert` reads them
+
+
+def read_weights(path: str):
+    """The LoRA file network.weights names, read whole (lora_offset.formats.reader); one UserError if unusable."""
+    from lora_offset.formats.reader import read_adapter
+
+    return read_adapter(path, "network.weights")
+
+
+def _kind(module) -> str:
+    if module.component == "text_encoder":
+        return "text encoder"
+    if matches(UNET_CONV_3X3_TARGETS, module.path):
+        return "conv"
+    return "unet"
+
+
+def dims_from_weights(adapter, net):
+    """network.dim_from_weights: (NetworkConfig with rank/alpha/conv_rank/conv_alpha of the file, overrides)
+    where overrides = {component: {module path: (rank, alpha)}} for modules whose own rank or alpha differ
+    from those (component "unet" or "text_encoder")."""
+    import collections
+    import dataclasses
+
+    def alpha_of(module) -> float:
+        return float(f"{module.scale * module.rank:.12g}")  # the alpha that gives the module its scale
+
+    dims = {}
+    for kind in ("unet", "conv"):
+        found = [(m.rank, alpha_of(m)) for m in adapter.modules.values() if _kind(m) == kind or
+                 (kind == "unet" and _kind(m) == "text encoder")]
+        dims[kind] = collections.Counter(found).most_common(1)[0][0] if found else None
+    rank, alpha = dims["unet"] or (net.rank, net.alpha)
+    conv_rank, conv_alpha = dims["conv"] or (0, net.conv_alpha)
+    overrides: dict[str, dict[str, tuple[int, float]]] = {"unet": {}, "text_encoder": {}}
+    for m in adapter.modules.values():
+        default = (conv_rank, conv_alpha) if _kind(m) == "conv" else (rank, alpha)
+        if (m.rank, alpha_of(m)) != default:
+            overrides[m.component][m.path] = (m.rank, alpha_of(m))
+    net = dataclasses.replace(net, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha)
+    return net, overrides
+
+
+def load_weights(adapter, unet, text_encoder=None) -> int:
+    """Set the LoRA of `unet` (and `text_encoder`) to the file's: each module's delta equals the file's
+    (scale * up @ down; a scale that differs from the layer's is folded into lora_up). Modules the file
+    lacks keep their fresh start (lora_up = 0: no change). Returns the number of modules set."""
+    from peft.tuners.lora import LoraLayer
+
+    from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+
+    layers = {}
+    for prefix, model in ((UNET_PREFIX, unet), (TEXT_ENCODER_PREFIX, text_encoder)):
+        if model is not None:
+            layers.update({kohya_name(prefix, n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)})
+    source = adapter.path
+    for m in adapter.modules.values():
+        key = m.kohya_key
+        if key not in layers:
+            why = {"text encoder": "set network.train_text_encoder = true to train it from the file",
+                   "conv": "the file is a conv LoRA (LoCon): set network.conv_rank (or network.dim_from_weights = true)",
+                   }.get(_kind(m), "lora-offset's network has no LoRA on that module")
+            raise UserError(f"network.weights: {source}: module {key} ({_kind(m)}) is not in this network; {why}")
+        layer = layers[key]
+        down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        if tuple(down.shape) != tuple(m.down.shape) or tuple(up.shape) != tuple(m.up.shape):
+            raise UserError(f"network.weights: {source}: module {key} has lora_down {tuple(m.down.shape)} and lora_up "
+                            f"{tuple(m.up.shape)} (rank {m.rank}); this network's are {tuple(down.shape)} and "
+                            f"{tuple(up.shape)} (rank {down.shape[0]}): set network.rank / conv_rank to the file's, "
+                            "or network.dim_from_weights = true")
+        scaling = float(layer.scaling[ADAPTER_NAME])
+        with torch.no_grad():
+            down.copy_(m.down)
+            up.copy_(m.up if m.scale == scaling else (m.up.double() * (m.scale / scaling)).float())
+    return len(adapter.modules)

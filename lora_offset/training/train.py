@@ -53,6 +53,12 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     weight_dtype = compute_dtype(accelerator)
 
     # ---- cheap checks first: a typo must not cost a model load ------------------------------
+    start, overrides = None, None
+    if net.weights:  # start from an existing LoRA: read it now, a bad file must not cost a model load
+        start = networks.read_weights(net.weights)
+        if net.dim_from_weights:
+            net, overrides = networks.dims_from_weights(start, net)
+            config = dataclasses.replace(config, network=net)
     if is_main:
         check_output_dir(output_dir, needed_bytes=estimate_adapter_bytes(net))
     resume_file = find_resume_state(resume, output_dir) if resume else None
@@ -86,7 +92,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     calendar = Calendar(max_steps, dataset.steps_per_epoch, t.gradient_accumulation_steps)
 
     # ---- LoRA (fp32 weights) ----------------------------------------------------------------
-    unet_params, te_params = add_networks(config, unet, text_encoder)
+    unet_params, te_params = add_networks(config, unet, text_encoder, start, overrides)
     # The frozen UNet's storage (fp8, NF4, ...): after the LoRA exists (its layers stay fp32), before the GPU.
     base_precision.apply(unet, config.model.base_precision, weight_dtype)
 
@@ -268,21 +274,26 @@ def estimate_adapter_bytes(net) -> int:
 
 
 def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p for n, p in model.named_parameters() if networks.is_adapter_parameter(n)}
 
 
-def add_networks(config: Config, unet, text_encoder) -> tuple[list, list]:
-    """Inject the LoRA (fp32 weights) into the UNet and, if trained, the text encoder; set training modes.
-    Returns (UNet LoRA parameters, text-encoder LoRA parameters)."""
+def add_networks(config: Config, unet, text_encoder, start=None, overrides=None) -> tuple[list, list]:
+    """Inject the LoRA (fp32 weights) into the UNet and, if trained, the text encoder; start it from the
+    file `start` (network.weights) if given; set training modes. `overrides`: per-module (rank, alpha)
+    of network.dim_from_weights. Returns (UNet LoRA parameters, text-encoder LoRA parameters)."""
     from accelerate.utils import set_seed
 
     t, net = config.training, config.network
+    overrides = overrides or {}
     set_seed(t.seed)  # LoRA init draws from the global RNG: same seed, same starting adapter
-    unet_config, te_config = networks.network_configs(net)  # LoRA, LoHa or LoKr (network.type)
+    unet_config, te_config = networks.network_configs(net, overrides)  # LoRA, LoHa or LoKr (network.type)
     unet_params = networks.add_lora(unet, unet_config)
     te_params = []
     if net.train_text_encoder:
         te_params = networks.add_lora(text_encoder, te_config)
+    if start is not None:
+        count = networks.load_weights(start, unet, text_encoder if net.train_text_encoder else None)
+        log.info("started the LoRA from %s (%d modules)", start.path, count)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if net.train_text_encoder:
