@@ -116,6 +116,8 @@ class TrainingConfig:
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True  # when the text encoder is frozen and captions are fixed
     logging_dir: Optional[str] = None  # default: {output_dir}/logs
+    log_with: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+    wandb_run_name: Optional[str] = None  # default: wandb's own run name
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row
     torch_compile: bool = False  # torch.compile the UNet (GPU throughput; slow first steps)
     channels_last: bool = False  # channels-last memory format for the UNet (GPU throughput)

@@ -9,6 +9,7 @@ from lora_offset.config import Config
 from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_path
 from lora_offset.training.data.scan import missing_class_images
+from lora_offset.training.trackers import log_images
 
 log = logging.getLogger("lora_offset")
 
@@ -84,12 +85,7 @@ def write_samples(config: Config, accelerator, base, unet, text_encoder, step: i
                                   height=p.height, width=p.width, negative_prompt=p.negative_prompt,
                                   clip_skip=t.clip_skip, max_token_length=t.max_token_length)
     sample.save_samples(images, Path(t.output_dir) / "samples", step, [p.prompt for p in prompts])
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-    if tracker is not None:
-        import numpy as np
-
-        for i, image in enumerate(images):
-            tracker.add_image(f"sample/{i}", np.asarray(image), global_step=step, dataformats="HWC")
+    log_images(accelerator, images, step)
     unet_model.train(was_training)
     te_model.train(config.network.train_text_encoder)
     base.vae.to(vae_device)

@@ -24,7 +24,7 @@ import torch
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
 from lora_offset.formats import kohya, lycoris
-from lora_offset.training import base_precision, models, networks, noise
+from lora_offset.training import base_precision, models, networks, noise, trackers
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.dataset import build_dataset
 from lora_offset.training import optimizers
@@ -142,7 +142,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     )
 
     if is_main:
-        accelerator.init_trackers("lora-offset", config=flat_hparams(config))
+        init_kwargs = trackers.init_kwargs(t.log_with, t.wandb_run_name, logging_dir(t, output_dir))
+        accelerator.init_trackers("lora-offset", config=flat_hparams(config), init_kwargs=init_kwargs)
     stop = install_sigint_handler()
     nonfinite_in_a_row = 0
     skipped_steps = 0
@@ -238,7 +239,6 @@ def make_accelerator(t, output_dir: Path):
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         log.warning("training.mixed_precision = \"fp16\" needs a CUDA GPU; training in fp32 on this machine")
         mixed_precision = "no"
-    logging_dir = Path(t.logging_dir) if t.logging_dir else output_dir / "logs"
     # On a machine without CUDA, processes started by `accelerate launch --multi_gpu` (torchrun) must be
     # told they are CPU processes, or accelerate treats each one as a separate single-process run.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -246,9 +246,14 @@ def make_accelerator(t, output_dir: Path):
         cpu=cpu_processes,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+        log_with=trackers.trackers(t.log_with) or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(logging_dir(t, output_dir))),
     )
+
+
+def logging_dir(t, output_dir: Path) -> Path:
+    return Path(t.logging_dir) if t.logging_dir else output_dir / "logs"
 
 
 def check_output_dir(output_dir: Path, needed_bytes: int) -> None:
