@@ -48,7 +48,11 @@ def test_files_to_remove_keep_the_last_n(tmp_path):
     for name in names:
         (tmp_path / f"{name}.safetensors").write_bytes(b"")
     t = settings(save_every_steps=1, save_last_n_steps=2, save_every_n_epochs=1, save_last_n_epochs=2)
-    removed = {p.name for p in files_to_remove(tmp_path, "lora", t, step=4, epoch=3)}
+    removed = {p.name for p in files_to_remove(tmp_path, "lora", t, ["-step000004", "-000003"], step=4, epoch=3)}
     # kohya: step files from the last 2 steps stay (step >= 4 - 2), and the last 2 epoch files.
     assert removed == {"lora-step000001.safetensors", "lora-000001.safetensors"}
-    assert files_to_remove(tmp_path, "lora", settings(), step=4, epoch=3) == []
+    assert files_to_remove(tmp_path, "lora", settings(), ["-step000004", "-000003"], step=4, epoch=3) == []
+    # Only the kind of file just saved is pruned: no epoch file was written at this step.
+    assert {p.name for p in files_to_remove(tmp_path, "lora", t, ["-step000004"], step=4, epoch=3)} == {
+        "lora-step000001.safetensors"}
+    assert files_to_remove(tmp_path, "lora", t, [], step=4, epoch=3) == []

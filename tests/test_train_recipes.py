@@ -152,3 +152,58 @@ def test_caption_dropout_trains_from_the_cache_with_the_empty_caption(tmp_path, 
     config.write_text(toml.dumps(data))
     assert main(["train", "--config", str(config)]) == 0
     assert sorted(encoded) == ["", "photo of sks dog"]  # the cache, built once
+
+
+def test_a_kohya_notebook_recipe_runs_unchanged(tmp_path, tiny_model_dir):
+    """The SD 1.5 LoRA notebook recipe of issue 11, through the CLI: clip skip 2, 225-token captions (a
+    150-token one), 3 epochs saved every epoch (last 2 kept), cosine with 3 restarts and 5 % warm-up,
+    min-SNR 5 with Huber loss, Prodigy, caption and tag dropout, dim 16 / alpha 8, started from a LoRA."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_offset.tiny import build_tiny_components
+    from tests.test_start_weights import kohya_file, trained_lora
+    from tests.test_text import caption_of
+
+    start = kohya_file(tmp_path / "start.safetensors", trained_lora(rank=16, alpha=8.0, conv_rank=0, te=True))
+    tokenizer = build_tiny_components(seed=0)["tokenizer"]
+    images = make_images(tmp_path / "plain", 2)
+    captions = [caption_of(tokenizer, 150), "sks dog, red collar, grass, sunny"]
+    for png, caption in zip(sorted(images.glob("*.png")), captions):
+        png.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    config = write_config(tmp_path, tiny_model_dir, images,
+                          network={"rank": 16, "alpha": 8.0, "train_text_encoder": True, "weights": str(start)},
+                          noise={"min_snr_gamma": 5.0},
+                          training={"max_steps": None, "max_train_epochs": 3, "save_every_n_epochs": 1,
+                                    "save_last_n_epochs": 2, "clip_skip": 2, "max_token_length": 225,
+                                    "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3,
+                                    "lr_warmup_steps": 0.05, "loss_type": "huber", "optimizer": "prodigy",
+                                    "learning_rate": 1.0, "sample_every_n_epochs": 3,
+                                    "sample_prompts": ["sks dog, red collar", "sks dog on grass"],
+                                    "sample_steps": 2},
+                          dataset={"batch_size": 1})
+    data = toml.loads(config.read_text())
+    data["dataset"]["subsets"][0].update(caption_dropout_rate=0.1, caption_tag_dropout_rate=0.1, keep_tokens=1,
+                                         shuffle_caption=True)
+    config.write_text(toml.dumps(data))
+    assert main(["train", "--config", str(config)]) == 0
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "tiny-000001.safetensors", "tiny-000002.safetensors", "tiny.safetensors"]
+    for name, epoch, steps in (("tiny-000001", "1", "2"), ("tiny-000002", "2", "4"), ("tiny", "3", "6")):
+        meta = metadata(out / f"{name}.safetensors")
+        assert (meta["ss_epoch"], meta["ss_steps"], meta["ss_clip_skip"], meta["ss_max_token_length"]) == (
+            epoch, steps, "2", "225"), name
+    meta = metadata(out / "tiny.safetensors")
+    assert meta["ss_optimizer"] == "prodigyopt.prodigy.Prodigy" and meta["ss_loss_type"] == "huber"
+    assert (meta["ss_lr_scheduler"], meta["ss_lr_scheduler_num_cycles"], meta["ss_min_snr_gamma"]) == (
+        "cosine_with_restarts", "3", "5.0")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("16", "8.0")
+    samples = sorted(p.name[:13] for p in (out / "samples").glob("*.png"))
+    assert samples == ["step000000006"] * 2  # after the third epoch
+    # The result loads in diffusers: every key is converted (a leftover key makes load_lora_weights raise).
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    pipe.load_lora_weights(str(out / "tiny.safetensors"))
+    from lora_offset.training.networks import lora_module_names
+
+    assert len(lora_module_names(pipe.unet)) == 192 and len(lora_module_names(pipe.text_encoder)) == 72

@@ -69,15 +69,20 @@ def saves_due(t, calendar: Calendar, step: int) -> list[str]:
     return due
 
 
-def files_to_remove(folder: Path, name: str, t, step: int, epoch: int) -> list[Path]:
-    """Intermediate adapters that save_last_n_steps / save_last_n_epochs no longer keep after a save."""
+def files_to_remove(folder: Path, name: str, t, saved: list[str], step: int, epoch: int) -> list[Path]:
+    """Intermediate adapters that save_last_n_steps / save_last_n_epochs no longer keep once the files
+    `saved` (suffixes from saves_due) are written: step files after a step save, epoch files after an
+    epoch save (as kohya removes them)."""
+    saved_step = any(s.startswith("-step") for s in saved)
+    saved_epoch = any(re.fullmatch(r"-\d{6,}", s) for s in saved)
     old = []
     step_file = re.compile(re.escape(name) + r"-step(\d{6,})\.safetensors")
     epoch_file = re.compile(re.escape(name) + r"-(\d{6,})\.safetensors")
     for path in sorted(folder.glob(f"{name}-*.safetensors")):
-        if t.save_last_n_steps and (m := step_file.fullmatch(path.name)) and int(m[1]) < step - t.save_last_n_steps:
+        if (saved_step and t.save_last_n_steps and (m := step_file.fullmatch(path.name))
+                and int(m[1]) < step - t.save_last_n_steps):
             old.append(path)
-        elif (t.save_last_n_epochs and t.save_every_n_epochs and (m := epoch_file.fullmatch(path.name))
+        elif (saved_epoch and t.save_last_n_epochs and t.save_every_n_epochs and (m := epoch_file.fullmatch(path.name))
               and int(m[1]) <= epoch - t.save_every_n_epochs * t.save_last_n_epochs):
             old.append(path)
     return old

@@ -159,7 +159,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             for suffix in suffixes:
                 save_adapter(config, calendar, dataset, accelerator, unet, text_encoder, step, started_at,
                              output_dir / f"{t.output_name}{suffix}.safetensors")
-        for old in files_to_remove(output_dir, t.output_name, t, step, calendar.epochs_completed(step)):
+        for old in files_to_remove(output_dir, t.output_name, t, suffixes, step, calendar.epochs_completed(step)):
             old.unlink(missing_ok=True)
 
     from tqdm.auto import tqdm
