@@ -39,6 +39,11 @@ class BaseModel:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
 
 
+def compute_dtype(accelerator) -> torch.dtype:
+    """The dtype the frozen models compute in: accelerate's mixed precision (fp16 already fell back to "no" on a CPU)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
 def load_base_model(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load `model_cfg.pretrained` (see ModelConfig) in `dtype`; frozen, eval mode, on CPU."""
     source = model_cfg.pretrained

@@ -23,11 +23,11 @@ import torch
 
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
-from lora_offset.formats import kohya, lycoris
 from lora_offset.training import base_precision, models, networks, noise, trackers
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.dataset import build_dataset
 from lora_offset.training import optimizers
+from lora_offset.training.adapter import save_adapter
 from lora_offset.training.samples import generate_class_images, write_samples
 from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state
@@ -50,7 +50,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     accelerator = make_accelerator(t, output_dir)
     is_main = accelerator.is_main_process
     device = accelerator.device
-    weight_dtype = compute_dtype(accelerator)
+    weight_dtype = models.compute_dtype(accelerator)
 
     # ---- cheap checks first: a typo must not cost a model load ------------------------------
     start, overrides = None, None
@@ -343,82 +343,6 @@ def install_sigint_handler() -> _StopFlag:
     except ValueError:
         pass
     return flag
-
-
-def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet, text_encoder, step: int,
-                 started_at: float, path: Path) -> Path:
-    t, net, z = config.training, config.network, config.noise
-    unet_model = accelerator.unwrap_model(unet)
-    te_model = accelerator.unwrap_model(text_encoder) if net.train_text_encoder else None
-    if net.type == "lora":
-        state = kohya.kohya_state_dict(unet_model, te_model)
-    else:
-        state = lycoris.lycoris_state_dict(unet_model, te_model)
-    metadata = kohya.ss_metadata(
-        output_name=t.output_name,
-        network_dim=net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank,
-        network_type=net.type,
-        lokr_factor=net.lokr_factor,
-        network_alpha=net.alpha,
-        conv_dim=net.conv_rank,
-        conv_alpha=net.conv_alpha,
-        train_text_encoder=net.train_text_encoder,
-        steps=step,
-        epoch=calendar.epochs_completed(step),
-        resolution=config.dataset.resolution,
-        learning_rate=t.learning_rate,
-        unet_lr=t.learning_rate,
-        text_encoder_lr=t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate,
-        optimizer=optimizer_record(t),
-        num_train_images=dataset.num_train_items,
-        num_reg_images=dataset.num_reg_images,
-        tag_frequency=dataset.tag_frequency,
-        noise={**dataclasses.asdict(z), "prediction_type": config.model.prediction_type},
-        started_at=started_at,
-        finished_at=time.time(),
-        seed=t.seed,
-        mixed_precision=t.mixed_precision,
-        prior_loss_weight=t.prior_loss_weight,
-        base_model_name=config.model.pretrained,
-        extra={**base_precision.metadata(config.model.base_precision, compute_dtype(accelerator)),
-               **training_metadata(config, calendar)},
-    )
-    return kohya.save_lora(path, state, metadata, precision=t.save_precision)
-
-
-def compute_dtype(accelerator) -> torch.dtype:
-    """The dtype the frozen models compute in: accelerate's mixed precision (fp16 already fell back to "no" on a CPU)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def optimizer_record(t) -> str:
-    """ss_optimizer as kohya writes it: the class, then the arguments given (`Class(k=v,...)`)."""
-    args = ",".join(f"{k}={v}" for k, v in t.optimizer_args.items())
-    return optimizers.class_name(t.optimizer) + (f"({args})" if args else "")
-
-
-def training_metadata(config: Config, calendar: Calendar) -> dict:
-    """kohya's ss_* fields for the settings that ss_metadata has no argument for."""
-    t, z = config.training, config.noise
-    return {
-        "ss_clip_skip": t.clip_skip,
-        "ss_max_token_length": t.max_token_length,
-        "ss_loss_type": t.loss_type,
-        "ss_huber_c": t.huber_c,
-        "ss_huber_schedule": t.huber_schedule,
-        "ss_debiased_estimation": t.debiased_estimation,
-        "ss_lr_scheduler": t.lr_scheduler,
-        "ss_lr_warmup_steps": optimizers.warmup_steps(t.lr_warmup_steps, calendar.max_steps),
-        "ss_max_train_steps": calendar.max_steps,
-        "ss_num_epochs": calendar.num_epochs,
-        "ss_num_batches_per_epoch": calendar.batches_per_epoch,
-        "ss_gradient_accumulation_steps": calendar.accumulation,
-        "ss_lr_scheduler_num_cycles": t.lr_scheduler_num_cycles,
-        "ss_lr_scheduler_power": t.lr_scheduler_power,
-        "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
-        "ss_min_timestep": z.min_timestep,
-        "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
-    }
 
 
 def flat_hparams(config: Config) -> dict:
