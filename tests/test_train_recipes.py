@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import toml
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from lora_offset.cli import main
@@ -157,13 +158,19 @@ def test_caption_dropout_trains_from_the_cache_with_the_empty_caption(tmp_path, 
 def test_a_kohya_notebook_recipe_runs_unchanged(tmp_path, tiny_model_dir):
     """The SD 1.5 LoRA notebook recipe of issue 11, through the CLI: clip skip 2, 225-token captions (a
     150-token one), 3 epochs saved every epoch (last 2 kept), cosine with 3 restarts and 5 % warm-up,
-    min-SNR 5 with Huber loss, Prodigy, caption and tag dropout, dim 16 / alpha 8, started from a LoRA."""
+    min-SNR 5 with Huber loss, Prodigy, caption and tag dropout, dim 16 / alpha 8, started from a LoRA, samples
+    from a kohya prompt file."""
     from diffusers import StableDiffusionPipeline
 
     from lora_offset.tiny import build_tiny_components
     from tests.test_start_weights import kohya_file, trained_lora
     from tests.test_text import caption_of
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# kohya sample prompts\n"
+                       "sks dog, red collar --n lowres, blurry --w 64 --h 128 --d 7 --s 2 --l 5.5\n"
+                       "\n"
+                       "sks dog on grass --w 96 --h 64 --d 8 --s 3 --n bad anatomy\n", encoding="utf-8")
     start = kohya_file(tmp_path / "start.safetensors", trained_lora(rank=16, alpha=8.0, conv_rank=0, te=True))
     tokenizer = build_tiny_components(seed=0)["tokenizer"]
     images = make_images(tmp_path / "plain", 2)
@@ -178,8 +185,7 @@ def test_a_kohya_notebook_recipe_runs_unchanged(tmp_path, tiny_model_dir):
                                     "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3,
                                     "lr_warmup_steps": 0.05, "loss_type": "huber", "optimizer": "prodigy",
                                     "learning_rate": 1.0, "sample_every_n_epochs": 3,
-                                    "sample_prompts": ["sks dog, red collar", "sks dog on grass"],
-                                    "sample_steps": 2},
+                                    "sample_prompts": str(prompts)},
                           dataset={"batch_size": 1})
     data = toml.loads(config.read_text())
     data["dataset"]["subsets"][0].update(caption_dropout_rate=0.1, caption_tag_dropout_rate=0.1, keep_tokens=1,
@@ -199,8 +205,9 @@ def test_a_kohya_notebook_recipe_runs_unchanged(tmp_path, tiny_model_dir):
     assert (meta["ss_lr_scheduler"], meta["ss_lr_scheduler_num_cycles"], meta["ss_min_snr_gamma"]) == (
         "cosine_with_restarts", "3", "5.0")
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("16", "8.0")
-    samples = sorted(p.name[:13] for p in (out / "samples").glob("*.png"))
-    assert samples == ["step000000006"] * 2  # after the third epoch
+    samples = sorted((out / "samples").glob("*.png"))
+    assert [p.name[:13] for p in samples] == ["step000000006"] * 2  # after the third epoch
+    assert [Image.open(p).size for p in samples] == [(64, 128), (96, 64)]  # --w --h of each prompt
     # The result loads in diffusers: every key is converted (a leftover key makes load_lora_weights raise).
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
     pipe.load_lora_weights(str(out / "tiny.safetensors"))
