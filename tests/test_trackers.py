@@ -57,6 +57,11 @@ def test_log_with_all_writes_tensorboard_and_an_offline_wandb_run(tmp_path, tiny
         "max_steps": 2, "log_with": "all", "wandb_run_name": "sks-dog-test", "sample_every_steps": 2,
         "sample_prompts": ["sks dog"], "sample_steps": 2})
     assert main(["train", "--config", str(config)]) == 0
+    import wandb
+
+    # wandb's service process writes the run's records as it closes, which it does when the Python
+    # process exits (wandb.teardown at exit): do that here, where pytest's process goes on.
+    wandb.teardown()
     logs = tmp_path / "out" / "logs"
     assert list(logs.rglob("events.out.tfevents.*"))
     runs = list((logs / "wandb").glob("offline-run-*"))
