@@ -138,6 +138,8 @@ def test_polynomial_power_and_integer_warmup():
      'training.optimizer = "adamw_schedulefree" schedules itself'),
     (["training.optimizer='sgd'"], "training.optimizer must be one of 'adamw8bit' | 'adamw' | 'pagedadamw8bit'"),
     (["network.loraplus_lr_ratio=0"], "network.loraplus_lr_ratio must be > 0"),
+    (["network.type='loha'", "network.loraplus_lr_ratio=4"], "network.loraplus_lr_ratio speeds up a LoRA's up matrices; "
+                                                            "network.type = 'loha' has none"),
     (["training.optimizer_args=3"], "training.optimizer_args must be a table"),
 ])
 def test_bad_optimizer_and_schedule_settings(tmp_path, images, sets, message, capsys):

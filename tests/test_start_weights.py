@@ -169,3 +169,6 @@ def test_a_bad_weights_file_stops_before_the_model_loads(tmp_path, capsys):
     config = write_config(tmp_path, tmp_path / "no-model", images, network={"dim_from_weights": True})
     assert main(["train", "--config", str(config)]) == 2
     assert "network.dim_from_weights = true needs network.weights" in capsys.readouterr().err
+    config = write_config(tmp_path, tmp_path / "no-model", images, network={"type": "lokr", "weights": "x.safetensors"})
+    assert main(["train", "--config", str(config)]) == 2
+    assert "network.type = 'lokr' cannot start from it" in capsys.readouterr().err
