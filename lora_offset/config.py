@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import re
 import tomllib
 import types
@@ -23,9 +22,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lora_offset.errors import UserError
-
-log = logging.getLogger("lora_offset")
-
 
 @dataclass
 class ModelConfig:
@@ -279,7 +275,9 @@ def _build_config(data: dict, source: str) -> Config:
             raise UserError(f"{source}: [{name}] must be a table, got {_type_name(table)}")
         sections[name] = _build_dataclass(cls, table, source, f"{name}.")
     config = Config(**sections)
-    _validate(config, source)
+    from lora_offset.config_rules import validate  # it imports this module
+
+    validate(config, source)
     return config
 
 
@@ -371,199 +369,6 @@ def _type_name(value: Any) -> str:
 
 def _hint_name(hint: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(hint, str(hint))
-
-
-def _validate(config: Config, source: str) -> None:
-    """Ranges and cross-field rules, each failing with the key and what is allowed."""
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(f"{source}: {message}")
-
-    m, n, z, t, d = config.model, config.network, config.noise, config.training, config.dataset
-    require(bool(m.pretrained), "model.pretrained is required: a diffusers folder, a hub id or an SD 1.x .safetensors file")
-    require(n.rank >= 1, f"network.rank must be >= 1, got {n.rank}")
-    require(n.alpha > 0, f"network.alpha must be > 0, got {n.alpha}")
-    require(n.conv_rank >= 0, f"network.conv_rank must be >= 0 (0 = off), got {n.conv_rank}")
-    require(n.conv_alpha > 0, f"network.conv_alpha must be > 0, got {n.conv_alpha}")
-    require(0 <= n.dropout < 1, f"network.dropout must be in [0, 1), got {n.dropout}")
-    require(n.loha_rank is None or n.loha_rank >= 1, f"network.loha_rank must be >= 1, got {n.loha_rank}")
-    require(n.loha_rank is None or n.type == "loha",
-            f"network.loha_rank is the rank of a LoHa; it does nothing with network.type = {n.type!r}: remove it")
-    require(n.lokr_factor == -1 or n.lokr_factor >= 1,
-            f"network.lokr_factor must be -1 (split near the square root) or >= 1, got {n.lokr_factor}")
-    require(n.lokr_factor == -1 or n.type == "lokr",
-            f"network.lokr_factor shapes a LoKr; it does nothing with network.type = {n.type!r}: remove it")
-    require(n.dropout == 0 or n.type == "lora",
-            f"network.dropout is LoRA's dropout; PEFT's {n.type} has none of that kind: set it to 0")
-    require(not (m.base_precision == "nf4" and n.type != "lora"),
-            f"model.base_precision = \"nf4\" stores the base layers as bitsandbytes 4-bit layers, whose packed weight "
-            f"PEFT's {n.type} cannot shape its delta to: use base_precision \"fp8\" (or \"auto\") with network.type = "
-            f"{n.type!r}")
-    require(z.offset >= 0, f"noise.offset must be >= 0 (0 = standard noise), got {z.offset}")
-    require(z.pyramid_iterations >= 0, f"noise.pyramid_iterations must be >= 0, got {z.pyramid_iterations}")
-    require(0 < z.pyramid_discount <= 1, f"noise.pyramid_discount must be in (0, 1], got {z.pyramid_discount}")
-    require(z.input_perturbation >= 0, f"noise.input_perturbation must be >= 0, got {z.input_perturbation}")
-    require(z.min_snr_gamma >= 0, f"noise.min_snr_gamma must be >= 0 (0 = off), got {z.min_snr_gamma}")
-    max_timestep = 1000 if z.max_timestep is None else z.max_timestep
-    require(0 <= z.min_timestep < max_timestep <= 1000,
-            f"noise.min_timestep ({z.min_timestep}) and noise.max_timestep ({max_timestep}) must satisfy "
-            "0 <= min_timestep < max_timestep <= 1000 (timesteps are drawn from [min_timestep, max_timestep))")
-    require(0 < t.huber_c <= 1, f"training.huber_c must be in (0, 1], got {t.huber_c}")
-    require(not (z.zero_terminal_snr and m.prediction_type != "v_prediction"),
-            "noise.zero_terminal_snr = true needs model.prediction_type = \"v_prediction\" "
-            "(at the last timestep the input is pure noise, so an epsilon target carries no information)")
-    require(t.max_steps is None or t.max_train_epochs is None,
-            "training.max_steps and training.max_train_epochs are both set: keep one (kohya lets epochs win; "
-            "lora-offset asks)")
-    if t.max_steps is None and t.max_train_epochs is None:
-        t.max_steps = 1000
-    require(t.max_steps is None or t.max_steps >= 1, f"training.max_steps must be >= 1, got {t.max_steps}")
-    require(t.max_train_epochs is None or t.max_train_epochs >= 1,
-            f"training.max_train_epochs must be >= 1, got {t.max_train_epochs}")
-    require(t.learning_rate > 0, f"training.learning_rate must be > 0, got {t.learning_rate}")
-    require(t.text_encoder_lr is None or t.text_encoder_lr >= 0,
-            f"training.text_encoder_lr must be >= 0, got {t.text_encoder_lr}")
-    require(t.lr_warmup_steps >= 0 and (t.lr_warmup_steps < 1 or float(t.lr_warmup_steps).is_integer()),
-            f"training.lr_warmup_steps must be a whole number of steps or a fraction of the training below 1 "
-            f"(0.05 = 5 %), got {t.lr_warmup_steps}")
-    if t.lr_warmup_steps >= 1:
-        t.lr_warmup_steps = int(t.lr_warmup_steps)
-    require(t.clip_skip >= 1, f"training.clip_skip must be >= 1 (1 = the last layer, 2 = the penultimate), "
-                              f"got {t.clip_skip}")
-    require(t.lr_scheduler_num_cycles >= 1,
-            f"training.lr_scheduler_num_cycles must be >= 1, got {t.lr_scheduler_num_cycles}")
-    require(t.lr_scheduler_power > 0, f"training.lr_scheduler_power must be > 0, got {t.lr_scheduler_power}")
-    require(not n.weights or n.type == "lora",
-            f"network.weights starts a LoRA from a LoRA file; network.type = {n.type!r} cannot start from it: "
-            "remove network.weights or train a LoRA")
-    require(n.loraplus_lr_ratio is None or n.type == "lora",
-            f"network.loraplus_lr_ratio speeds up a LoRA's up matrices; network.type = {n.type!r} has none: remove it")
-    require(not n.dim_from_weights or bool(n.weights),
-            "network.dim_from_weights = true needs network.weights (the LoRA file to take the dimensions from)")
-    require(n.loraplus_lr_ratio is None or n.loraplus_lr_ratio > 0,
-            f"network.loraplus_lr_ratio must be > 0 (kohya suggests 16), got {n.loraplus_lr_ratio}")
-    if t.optimizer == "adamw_schedulefree":
-        require(t.lr_scheduler == "constant" and t.lr_warmup_steps == 0,
-                "training.optimizer = \"adamw_schedulefree\" schedules itself: set training.lr_scheduler = "
-                "\"constant\" and training.lr_warmup_steps = 0 (for a warm-up use "
-                "training.optimizer_args = { warmup_steps = N })")
-    if t.optimizer_args:
-        from lora_offset.training.optimizers import check_optimizer_args
-
-        try:
-            check_optimizer_args(t.optimizer, t.optimizer_args)  # an unknown argument is an error naming it
-        except UserError as e:
-            raise UserError(f"{source}: {e}") from None
-    require(t.gradient_accumulation_steps >= 1,
-            f"training.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}")
-    for key in ("save_every_steps", "save_state_every_steps", "sample_every_steps", "save_every_n_epochs",
-                "save_last_n_steps", "save_last_n_epochs", "sample_every_n_epochs"):
-        require(getattr(t, key) >= 0, f"training.{key} must be >= 0 (0 = off), got {getattr(t, key)}")
-    require(t.sample_steps >= 1, f"training.sample_steps must be >= 1, got {t.sample_steps}")
-    require(t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
-    require(t.prior_loss_weight >= 0, f"training.prior_loss_weight must be >= 0, got {t.prior_loss_weight}")
-    require(t.max_nonfinite_steps >= 1, f"training.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
-    require(bool(t.output_name) and not re.search(r"[/\\]", t.output_name),
-            f"training.output_name must be a file name without folders, got {t.output_name!r}")
-    for key in ("sample_every_steps", "sample_every_n_epochs", "sample_at_first"):
-        require(not getattr(t, key) or bool(t.sample_prompts),
-                f"training.{key} is set but training.sample_prompts is empty: add prompts or turn it off")
-    require(not t.save_last_n_steps or t.save_every_steps,
-            "training.save_last_n_steps keeps the newest step files: it needs training.save_every_steps")
-    require(not t.save_last_n_epochs or t.save_every_n_epochs,
-            "training.save_last_n_epochs keeps the newest epoch files: it needs training.save_every_n_epochs")
-    _check_scheduler_name(t.lr_scheduler, source)
-    _check_sample_settings(config, source)
-    for key in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
-        value = getattr(d, key)
-        # SD 1.x: the VAE divides by 8 and the UNet halves the latent three times.
-        require(value >= 64 and value % 64 == 0, f"dataset.{key} must be a positive multiple of 64, got {value}")
-    require(d.batch_size >= 1, f"dataset.batch_size must be >= 1, got {d.batch_size}")
-    require(d.min_bucket_reso <= d.max_bucket_reso,
-            f"dataset.min_bucket_reso ({d.min_bucket_reso}) must be <= dataset.max_bucket_reso ({d.max_bucket_reso})")
-    _resolve_kohya_folders(d, source)
-    require(bool(d.subsets), "no training images configured: add [[dataset.subsets]] with image_dir, "
-                             "or set dataset.train_data_dir to a kohya-style folder")
-    for i, s in enumerate(d.subsets):
-        key = f"dataset.subsets[{i}]"
-        require(bool(s.image_dir), f"{key}.image_dir is required")
-        require(s.num_repeats >= 1, f"{key}.num_repeats must be >= 1, got {s.num_repeats}")
-        require(s.keep_tokens >= 0, f"{key}.keep_tokens must be >= 0, got {s.keep_tokens}")
-        require(s.num_class_images >= 0, f"{key}.num_class_images must be >= 0, got {s.num_class_images}")
-        require(s.is_reg or s.num_class_images == 0,
-                f"{key}.num_class_images is only for regularization subsets (is_reg = true)")
-        require(not (s.is_reg and s.num_class_images > 0 and not s.class_tokens),
-                f"{key}: generating class images needs class_tokens (the class prompt, e.g. \"dog\")")
-        for rate in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-            require(0 <= getattr(s, rate) <= 1, f"{key}.{rate} must be in [0, 1], got {getattr(s, rate)}")
-        require(s.caption_dropout_every_n_epochs >= 0,
-                f"{key}.caption_dropout_every_n_epochs must be >= 0 (0 = off), got {s.caption_dropout_every_n_epochs}")
-        require(bool(s.caption_separator), f"{key}.caption_separator must not be empty")
-        require(s.token_warmup_min >= 0, f"{key}.token_warmup_min must be >= 0, got {s.token_warmup_min}")
-        require(s.token_warmup_step >= 0 and (s.token_warmup_step < 1 or float(s.token_warmup_step).is_integer()),
-                f"{key}.token_warmup_step must be a whole number of steps or a fraction of the training below 1, "
-                f"got {s.token_warmup_step}")
-        require(s.caption_extension.startswith("."),
-                f"{key}.caption_extension must start with '.', e.g. \".txt\", got {s.caption_extension!r}")
-    require(any(not s.is_reg for s in d.subsets), "every dataset subset has is_reg = true: add an instance subset")
-
-
-def _check_scheduler_name(name: str, source: str) -> None:
-    from diffusers.optimization import SchedulerType
-
-    names = [s.value for s in SchedulerType]
-    if name not in names:
-        raise UserError(f"{source}: training.lr_scheduler {name!r} is not a scheduler{_suggest(name, names)}")
-
-
-def _check_sample_settings(config: Config, source: str) -> None:
-    """training.sample_sampler and the sample prompts (a prompt file is read here: errors come before loading)."""
-    from lora_offset.experiments.sample import SAMPLERS, sampler_supports_zero_terminal_snr
-    from lora_offset.formats.sample_prompts import prompts_from_config
-
-    t, ztsnr = config.training, config.noise.zero_terminal_snr
-
-    def check(sampler: str, where: str) -> None:
-        if sampler not in SAMPLERS:
-            raise UserError(f"{where}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{_suggest(sampler, SAMPLERS)}")
-        if ztsnr and not sampler_supports_zero_terminal_snr(sampler):
-            usable = ", ".join(n for n in SAMPLERS if sampler_supports_zero_terminal_snr(n))
-            raise UserError(f"{where}: sampler {sampler!r} cannot sample with noise.zero_terminal_snr = true; use one of {usable}")
-
-    check(t.sample_sampler, f"{source}: training.sample_sampler")
-    for prompt in prompts_from_config(t.sample_prompts, source):
-        if prompt.sampler is not None:
-            check(prompt.sampler, prompt.where)
-
-
-def _resolve_kohya_folders(d: DatasetConfig, source: str) -> None:
-    """train_data_dir/reg_data_dir subfolders -> subsets; `N_tokens` folder names -> repeats and tokens."""
-    for root, is_reg, key in ((d.train_data_dir, False, "dataset.train_data_dir"),
-                              (d.reg_data_dir, True, "dataset.reg_data_dir")):
-        if root is None:
-            continue
-        folder = Path(root)
-        if not folder.is_dir():
-            raise UserError(f"{source}: {key} = {root!r} is not a folder")
-        matched, ignored = [], []
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            (matched if KOHYA_FOLDER.match(sub.name) else ignored).append(sub)
-        if ignored:
-            log.warning("%s: ignored %d subfolder(s) not named <repeats>_<class tokens>: %s",
-                        key, len(ignored), ", ".join(p.name for p in ignored))
-        if not matched:
-            raise UserError(f"{source}: {key} = {root!r} has no subfolder named like '10_sks dog' "
-                            "(<repeats>_<class tokens>)")
-        d.subsets.extend(SubsetConfig(image_dir=str(p), is_reg=is_reg) for p in matched)
-    for s in d.subsets:
-        match = KOHYA_FOLDER.match(Path(s.image_dir).name) if s.image_dir else None
-        if match is None:
-            continue
-        if s.num_repeats == 1:  # kohya: the folder's number applies unless the config sets repeats
-            s.num_repeats = int(match.group(1))
-        if s.class_tokens is None:
-            s.class_tokens = match.group(2)
 
 
 def _drop_none(value: Any) -> Any:
