@@ -1,10 +1,13 @@
 """The training config: one TOML file, typed and validated before anything heavy is loaded.
 
 Sections `[model] [network] [noise] [training] [dataset]` and `[[dataset.subsets]]`, one dataclass
-each. Every key is checked: an unknown key is an error naming the closest valid key, a wrong type
-names the expected type, an out-of-range value says what is allowed. kohya's dataset-config TOML
-(`[general]`, `[[datasets]]`, `[[datasets.subsets]]`) is accepted as the dataset part, and kohya's
-folder naming (`10_sks dog` = 10 repeats of the class tokens "sks dog") works.
+each; several datasets (each its own resolution, batch size and buckets) are `[[datasets]]` tables
+with the keys of `[dataset]` and their own `[[datasets.subsets]]`. Every key is checked: an unknown
+key is an error naming the closest valid key, a wrong type names the expected type, an out-of-range
+value says what is allowed. kohya's dataset-config TOML (`[general]`, `[[datasets]]`,
+`[[datasets.subsets]]`) is accepted as the dataset part (formats/kohya_dataset.py: every kohya key
+is implemented or refused with the reason), and kohya's folder naming (`10_sks dog` = 10 repeats of
+the class tokens "sks dog") works.
 
 Paths are used as written (relative ones against the current folder, as kohya does).
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lora_offset.errors import UserError
+from lora_offset.formats.kohya_dataset import kohya_datasets, refuse
 
 @dataclass
 class ModelConfig:
@@ -108,6 +112,8 @@ class TrainingConfig:
     huber_c: float = 0.1  # huber / smooth_l1 threshold (kohya's default)
     huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     debiased_estimation: bool = False  # weight 1/sqrt(SNR) (kohya's debiased_estimation_loss)
+    masked_loss: bool = False  # subsets' conditioning_data_dir masks weight the loss (kohya's --masked_loss)
+    validate_every_n_steps: int = 0  # validation loss every N steps (0: at the end of each epoch)
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True  # when the text encoder is frozen and captions are fixed
@@ -143,11 +149,18 @@ class SubsetConfig:
     enable_wildcard: bool = False  # {a|b} picks one; a multi-line caption file gives one random line
     token_warmup_min: int = 1
     token_warmup_step: float = 0  # grow the number of tags over this many steps (fraction when < 1)
+    # kohya's augmentations and masks: see training/data/augment.py and masks.py
+    random_crop: bool = False  # a random crop of the image scaled to cover the bucket (not with cached latents)
+    color_aug: bool = False  # kohya's hue or gamma jitter (not with cached latents)
+    resize_interpolation: Optional[Literal["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area",
+                                           "box"]] = None  # None: Lanczos
+    alpha_mask: bool = False  # the alpha channel weights the loss (masked loss)
+    conditioning_data_dir: Optional[str] = None  # mask images of the same names (needs training.masked_loss)
 
 
 @dataclass
 class DatasetConfig:
-    resolution: int = 512
+    resolution: int | list[int] = 512  # or [width, height]
     batch_size: int = 1
     enable_bucket: bool = False
     min_bucket_reso: int = 256
@@ -156,6 +169,8 @@ class DatasetConfig:
     bucket_no_upscale: bool = False
     train_data_dir: Optional[str] = None  # kohya: subfolders "10_sks dog" become instance subsets
     reg_data_dir: Optional[str] = None  # kohya: subfolders "1_dog" become regularization subsets
+    validation_split: float = 0.0  # share of each instance subset's images held out for the validation loss
+    validation_seed: Optional[int] = None  # shuffles the images before the split (default: training.seed)
     subsets: list[SubsetConfig] = field(default_factory=list)
 
 
@@ -165,15 +180,24 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # [dataset], or several [[datasets]]: each its own resolution, batch size and buckets
+    datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig()])
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<config>") -> "Config":
         return _build_config(data, source)
 
+    @property
+    def dataset(self) -> DatasetConfig:
+        """The first (often the only) dataset."""
+        return self.datasets[0]
+
     def to_dict(self) -> dict:
-        """Plain data (TOML-serialisable: None values dropped)."""
-        return _drop_none(dataclasses.asdict(self))
+        """Plain data (TOML-serialisable: None values dropped): `dataset` for one dataset, else `datasets`."""
+        data = _drop_none(dataclasses.asdict(self))
+        if len(self.datasets) == 1:
+            data["dataset"] = data.pop("datasets")[0]
+        return data
 
     @property
     def adapter_path(self) -> Path:
@@ -194,15 +218,19 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = (),
                 dataset_config: str | Path | None = None) -> Config:
-    """Read, override (`section.key=value`), validate. Errors name the file and the key."""
+    """Read, override (`section.key=value`), validate. Errors name the file and the key.
+
+    `dataset_config`: kohya's dataset-config TOML, in place of the config's [dataset] / [[datasets]]."""
     path = Path(path)
     data = read_toml(path)
     source = str(path)
     if dataset_config is not None:
-        if "dataset" in data:
-            raise UserError(f"{path}: has a [dataset] section and --dataset-config {dataset_config} was given; "
-                            "keep one of the two")
-        data["dataset"] = kohya_dataset_section(read_toml(Path(dataset_config)), str(dataset_config))
+        for name in ("dataset", "datasets"):
+            if name in data:
+                raise UserError(f"{path}: has a [{name}] section and --dataset-config {dataset_config} was given; "
+                                "keep one of the two")
+        data["datasets"] = kohya_datasets(read_toml(Path(dataset_config)), str(dataset_config), DATASET_KEYS,
+                                          SUBSET_KEYS)
     for item in overrides:
         apply_override(data, item)
     return _build_config(data, source)
@@ -225,7 +253,8 @@ def read_toml(path: Path) -> dict:
 
 
 def apply_override(data: dict, item: str) -> None:
-    """`section.key=value` (value parsed as TOML, else taken as a string) into `data`."""
+    """`section.key=value` (value parsed as TOML, else taken as a string) into `data`; `dataset.key`
+    applies to every dataset of a config with [[datasets]]."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or "." not in key:
@@ -237,60 +266,65 @@ def apply_override(data: dict, item: str) -> None:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # bare strings: paths, names
+    if section == "dataset" and isinstance(data.get("datasets"), list):
+        for table in data["datasets"]:
+            if isinstance(table, dict):
+                table[name] = value
+        return
     data.setdefault(section, {})
     if not isinstance(data[section], dict):
         raise UserError(f"--set {item!r}: [{section}] is not a table in the config")
     data[section][name] = value
 
 
-def kohya_dataset_section(data: dict, source: str) -> dict:
-    """Turn kohya's dataset config ([general], [[datasets]], [[datasets.subsets]]) into our [dataset]."""
-    _check_keys(data, ["general", "datasets"], source, "")
-    general = dict(data.get("general", {}))
-    _check_keys(general, DATASET_KEYS + SUBSET_KEYS, source, "general.")
-    datasets = data.get("datasets", [])
-    if not isinstance(datasets, list) or len(datasets) != 1:
-        raise UserError(f"{source}: expected exactly one [[datasets]] table, found "
-                        f"{len(datasets) if isinstance(datasets, list) else 'a non-list'}; "
-                        "lora-offset trains one resolution per run: merge them or run twice")
-    dataset = dict(datasets[0])
-    _check_keys(dataset, DATASET_KEYS + SUBSET_KEYS + ["subsets"], source, "datasets.")
-    subsets = dataset.pop("subsets", [])
-    out = {k: v for k, v in general.items() if k in DATASET_KEYS}
-    out.update({k: v for k, v in dataset.items() if k in DATASET_KEYS})
-    # Subset-level options may sit at [general] or [[datasets]] level: later, more specific, wins.
-    subset_defaults = {k: v for k, v in {**general, **dataset}.items() if k in SUBSET_KEYS}
-    out["subsets"] = [{**subset_defaults, **s} for s in subsets]
-    return out
-
-
 def _build_config(data: dict, source: str) -> Config:
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a table of sections")
-    _check_keys(data, list(SECTIONS), source, "")
+    _check_keys(data, [*SECTIONS, "datasets"], source, "")
     sections = {}
     for name, cls in SECTIONS.items():
+        if name == "dataset":
+            continue
         table = data.get(name, {})
         if not isinstance(table, dict):
             raise UserError(f"{source}: [{name}] must be a table, got {_type_name(table)}")
         sections[name] = _build_dataclass(cls, table, source, f"{name}.")
-    config = Config(**sections)
+    config = Config(**sections, datasets=_build_datasets(data, source))
     from lora_offset.config_rules import validate  # it imports this module
 
     validate(config, source)
     return config
 
 
+def _build_datasets(data: dict, source: str) -> list[DatasetConfig]:
+    """[dataset] (one table) or [[datasets]] (an array of tables with the same keys)."""
+    if "dataset" in data and "datasets" in data:
+        raise UserError(f"{source}: has both [dataset] and [[datasets]]; use [[datasets]] tables for several "
+                        "datasets, [dataset] for one")
+    if "datasets" not in data:
+        table = data.get("dataset", {})
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: [dataset] must be a table, got {_type_name(table)}")
+        return [_build_dataclass(DatasetConfig, table, source, "dataset.")]
+    tables = data["datasets"]
+    if not isinstance(tables, list) or not tables or not all(isinstance(d, dict) for d in tables):
+        raise UserError(f"{source}: datasets must be one or more tables ([[datasets]], each with "
+                        "[[datasets.subsets]])")
+    return [_build_dataclass(DatasetConfig, d, source, f"datasets[{i}].") for i, d in enumerate(tables)]
+
+
 def _build_dataclass(cls: type, table: dict, source: str, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls in (DatasetConfig, SubsetConfig):  # kohya's keys that lora-offset refuses, with the reason
+        table = refuse(table, prefix, source)
     _check_keys(table, list(fields), source, prefix)
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in table.items():
         if cls is DatasetConfig and name == "subsets":
             if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
-                raise UserError(f"{source}: dataset.subsets must be an array of tables ([[dataset.subsets]])")
-            values[name] = [_build_dataclass(SubsetConfig, s, source, f"dataset.subsets[{i}].")
+                raise UserError(f"{source}: {prefix}subsets must be an array of tables ([[{prefix}subsets]])")
+            values[name] = [_build_dataclass(SubsetConfig, s, source, f"{prefix}subsets[{i}].")
                             for i, s in enumerate(value)]
             continue
         values[name] = _coerce(value, hints[name], f"{prefix}{name}", source)

@@ -20,7 +20,7 @@ def validate(config: Config, source: str) -> None:
         if not ok:
             raise UserError(f"{source}: {message}")
 
-    m, n, z, t, d = config.model, config.network, config.noise, config.training, config.dataset
+    m, n, z, t = config.model, config.network, config.noise, config.training
     require(bool(m.pretrained), "model.pretrained is required: a diffusers folder, a hub id or an SD 1.x .safetensors file")
     require(n.rank >= 1, f"network.rank must be >= 1, got {n.rank}")
     require(n.alpha > 0, f"network.alpha must be > 0, got {n.alpha}")
@@ -115,18 +115,38 @@ def validate(config: Config, source: str) -> None:
             "training.save_last_n_epochs keeps the newest epoch files: it needs training.save_every_n_epochs")
     _check_scheduler_name(t.lr_scheduler, source)
     _check_sample_settings(config, source)
-    for key in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
-        value = getattr(d, key)
-        # SD 1.x: the VAE divides by 8 and the UNet halves the latent three times.
-        require(value >= 64 and value % 64 == 0, f"dataset.{key} must be a positive multiple of 64, got {value}")
-    require(d.batch_size >= 1, f"dataset.batch_size must be >= 1, got {d.batch_size}")
+    require(t.validate_every_n_steps >= 0,
+            f"training.validate_every_n_steps must be >= 0 (0 = at the end of each epoch), got {t.validate_every_n_steps}")
+    for i, d in enumerate(config.datasets):
+        _validate_dataset(d, "dataset" if len(config.datasets) == 1 else f"datasets[{i}]", t, require, source)
+    masked = [s for d in config.datasets for s in d.subsets if s.conditioning_data_dir]
+    require(not t.masked_loss or masked,
+            "training.masked_loss = true, but no subset has conditioning_data_dir (a folder of mask images); "
+            "add it, or use alpha_mask = true on subsets whose images carry the mask in their alpha channel")
+    require(not t.validate_every_n_steps or any(d.validation_split > 0 for d in config.datasets),
+            "training.validate_every_n_steps is set, but no dataset has validation_split > 0: nothing is held "
+            "out to validate on")
+
+
+def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> None:
+    """One [dataset] / [[datasets]] table and its subsets; `where` prefixes the key in messages."""
+    sizes = d.resolution if isinstance(d.resolution, list) else [d.resolution]
+    require(len(sizes) in (1, 2), f"{where}.resolution must be one size or [width, height], got {d.resolution}")
+    for key, values in (("resolution", sizes), *((k, [getattr(d, k)]) for k in
+                                                ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"))):
+        for value in values:
+            # SD 1.x: the VAE divides by 8 and the UNet halves the latent three times.
+            require(value >= 64 and value % 64 == 0,
+                    f"{where}.{key} must be a positive multiple of 64, got {getattr(d, key)}")
+    require(d.batch_size >= 1, f"{where}.batch_size must be >= 1, got {d.batch_size}")
     require(d.min_bucket_reso <= d.max_bucket_reso,
-            f"dataset.min_bucket_reso ({d.min_bucket_reso}) must be <= dataset.max_bucket_reso ({d.max_bucket_reso})")
-    _resolve_kohya_folders(d, source)
-    require(bool(d.subsets), "no training images configured: add [[dataset.subsets]] with image_dir, "
-                             "or set dataset.train_data_dir to a kohya-style folder")
+            f"{where}.min_bucket_reso ({d.min_bucket_reso}) must be <= {where}.max_bucket_reso ({d.max_bucket_reso})")
+    require(0 <= d.validation_split < 1, f"{where}.validation_split must be in [0, 1), got {d.validation_split}")
+    _resolve_kohya_folders(d, where, source)
+    require(bool(d.subsets), f"no training images configured: add [[{where}.subsets]] with image_dir, "
+                             f"or set {where}.train_data_dir to a kohya-style folder")
     for i, s in enumerate(d.subsets):
-        key = f"dataset.subsets[{i}]"
+        key = f"{where}.subsets[{i}]"
         require(bool(s.image_dir), f"{key}.image_dir is required")
         require(s.num_repeats >= 1, f"{key}.num_repeats must be >= 1, got {s.num_repeats}")
         require(s.keep_tokens >= 0, f"{key}.keep_tokens must be >= 0, got {s.keep_tokens}")
@@ -146,7 +166,18 @@ def validate(config: Config, source: str) -> None:
                 f"got {s.token_warmup_step}")
         require(s.caption_extension.startswith("."),
                 f"{key}.caption_extension must start with '.', e.g. \".txt\", got {s.caption_extension!r}")
-    require(any(not s.is_reg for s in d.subsets), "every dataset subset has is_reg = true: add an instance subset")
+        for aug in ("random_crop", "color_aug"):
+            # kohya refuses the pair too: a cached latent is one fixed crop and colour of the image.
+            require(not (getattr(s, aug) and t.cache_latents),
+                    f"{key}.{aug} = true changes the image at every use, so its latents cannot be cached: "
+                    "set training.cache_latents = false (kohya refuses this pair too)")
+        require(not (s.alpha_mask and s.conditioning_data_dir),
+                f"{key} has both alpha_mask = true and conditioning_data_dir: a subset takes its masks from one "
+                "of the two")
+        require(not s.conditioning_data_dir or t.masked_loss,
+                f"{key}.conditioning_data_dir (mask images) needs training.masked_loss = true, as kohya's "
+                "--masked_loss")
+    require(any(not s.is_reg for s in d.subsets), f"every subset of {where} has is_reg = true: add an instance subset")
 
 
 def _check_scheduler_name(name: str, source: str) -> None:
@@ -177,10 +208,10 @@ def _check_sample_settings(config: Config, source: str) -> None:
             check(prompt.sampler, prompt.where)
 
 
-def _resolve_kohya_folders(d: DatasetConfig, source: str) -> None:
+def _resolve_kohya_folders(d: DatasetConfig, where: str, source: str) -> None:
     """train_data_dir/reg_data_dir subfolders -> subsets; `N_tokens` folder names -> repeats and tokens."""
-    for root, is_reg, key in ((d.train_data_dir, False, "dataset.train_data_dir"),
-                              (d.reg_data_dir, True, "dataset.reg_data_dir")):
+    for root, is_reg, key in ((d.train_data_dir, False, f"{where}.train_data_dir"),
+                              (d.reg_data_dir, True, f"{where}.reg_data_dir")):
         if root is None:
             continue
         folder = Path(root)
