@@ -157,3 +157,46 @@ def test_dreambooth_loss_by_hand():
     weights = torch.tensor([1.0, 0.0, 0.5, 0.5])
     assert L.dreambooth_loss(per_sample, is_reg, 1.0, weights).item() == pytest.approx(0.5 + 7.5)
     assert L.dreambooth_loss(per_sample[:2], is_reg[:2], 0.5).item() == pytest.approx(2.0)  # no class samples
+
+
+# ---- masked loss (kohya's alpha_mask / masked_loss) ------------------------------------------------
+
+def test_masked_mean_by_hand():
+    elementwise = torch.arange(2 * 2 * 2 * 2, dtype=torch.float32).reshape(2, 2, 2, 2)  # (B, C, H, W)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.5]]], [[[0.0, 0.0], [0.0, 0.0]]]])  # (B, 1, H, W)
+    got = L.masked_mean(elementwise, mask)
+    # sample 0: channel 0 values 0 1 2 3, channel 1 values 4 5 6 7; weights 1 0 0 0.5 in each channel
+    expected0 = (0 * 1 + 3 * 0.5 + 4 * 1 + 7 * 0.5) / (2 * 1.5)
+    assert got[0].item() == pytest.approx(expected0)
+    assert got[1].item() == 0.0  # nothing counts: no loss, no NaN
+    torch.testing.assert_close(L.masked_mean(elementwise, torch.ones(2, 1, 2, 2)), elementwise.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(L.masked_mean(elementwise, None), elementwise.mean(dim=(1, 2, 3)))
+    # normalised by the area: a small subject weighs as much as a large one with the same error
+    small = torch.zeros(1, 1, 2, 2)
+    small[..., 0, 0] = 1
+    assert L.masked_mean(torch.full((1, 4, 2, 2), 3.0), small).item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="expected \\(B, 1, H, W\\)"):
+        L.masked_mean(elementwise, torch.ones(2, 2, 2, 2))
+
+
+@pytest.mark.parametrize("loss_type", ["l2", "l1", "huber", "smooth_l1"])
+def test_masked_loss_ignores_the_masked_out_region(loss_type):
+    """The gradient reaching the prediction is exactly 0 where the mask is 0, and the loss does not move
+    when prediction or target change there; where the mask is 1 it is the unmasked loss of that region."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 4, 8, 8, generator=g, requires_grad=True)
+    target = torch.randn(3, 4, 8, 8, generator=g)
+    mask = torch.zeros(3, 1, 8, 8)
+    mask[:, :, 2:6, 1:5] = 1.0
+    c = torch.full((3,), 0.3)
+    loss = L.per_sample_loss(pred, target, loss_type, c, mask=mask).sum()
+    loss.backward()
+    outside = (mask == 0).expand_as(pred)
+    assert torch.count_nonzero(pred.grad[outside]) == 0
+    assert torch.count_nonzero(pred.grad[~outside]) == (~outside).sum()
+    changed = target.clone()
+    changed[outside] += 10 * torch.randn(int(outside.sum()), generator=g)
+    again = L.per_sample_loss(pred.detach(), changed, loss_type, c, mask=mask)
+    torch.testing.assert_close(again, L.per_sample_loss(pred.detach(), target, loss_type, c, mask=mask))
+    region = L.per_sample_loss(pred.detach()[:, :, 2:6, 1:5], target[:, :, 2:6, 1:5], loss_type, c)
+    torch.testing.assert_close(again, region)

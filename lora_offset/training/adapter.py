@@ -9,6 +9,7 @@ from pathlib import Path
 from lora_offset.config import Config
 from lora_offset.formats import kohya, lycoris
 from lora_offset.training import base_precision, models, optimizers
+from lora_offset.training.data.buckets import resolution_size
 from lora_offset.training.schedule import Calendar
 
 
@@ -32,7 +33,7 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
         train_text_encoder=net.train_text_encoder,
         steps=step,
         epoch=calendar.epochs_completed(step),
-        resolution=config.dataset.resolution,
+        resolution=resolution_size(config.dataset.resolution),
         learning_rate=t.learning_rate,
         unet_lr=t.learning_rate,
         text_encoder_lr=t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate,
@@ -48,7 +49,7 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
         prior_loss_weight=t.prior_loss_weight,
         base_model_name=config.model.pretrained,
         extra={**base_precision.metadata(config.model.base_precision, models.compute_dtype(accelerator)),
-               **training_metadata(config, calendar)},
+               **training_metadata(config, calendar), **dataset_metadata(config, dataset)},
     )
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
 
@@ -80,4 +81,19 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
         "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
         "ss_min_timestep": z.min_timestep,
         "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
+    }
+
+
+def dataset_metadata(config: Config, dataset) -> dict:
+    """kohya's ss_datasets (each dataset and its subsets, JSON) and the masked-loss and validation fields."""
+    t = config.training
+    split = [d.validation_split for d in config.datasets if d.validation_split > 0]
+    seeds = [d.validation_seed for d in config.datasets if d.validation_split > 0 and d.validation_seed is not None]
+    return {
+        "ss_datasets": dataset.ss_datasets(),
+        "ss_masked_loss": t.masked_loss or dataset.has_masks,
+        "ss_validation_split": split[0] if split else 0.0,
+        "ss_validation_seed": seeds[0] if seeds else (t.seed if split else None),
+        "ss_num_validation_images": dataset.held_out,
+        "ss_validate_every_n_steps": t.validate_every_n_steps if split else None,
     }

@@ -17,7 +17,9 @@ Per-sample weights, multiplied together when several are on:
     min-SNR-gamma (Hang et al. 2023)   epsilon: min(snr, gamma) / snr; v: min(snr, gamma) / (snr + 1)
     debiased estimation (kohya)        epsilon: 1 / sqrt(snr); v: 1 / (snr + 1); snr capped at 1000
 
-    per_sample_loss(pred, target, loss_type="l2", huber_c=None)   mean over all but the batch dim, (B,), float32
+    per_sample_loss(pred, target, loss_type="l2", huber_c=None, mask=None)
+                                                  mean over all but the batch dim, (B,), float32; a mask
+                                                  weights it, normalised by the mask's area (masked_mean)
     loss_weights(loss_cfg, noise_cfg, alphas_cumprod, timesteps, prediction_type)   (B,) or None
     dreambooth_loss(per_sample, is_reg, prior_loss_weight, weights)   mean(instance) + w * mean(class)
 """
@@ -61,10 +63,11 @@ LOSS_TYPES: dict[str, tuple[Callable, bool]] = {
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
-                    huber_c: torch.Tensor | None = None) -> torch.Tensor:
+                    huber_c: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss per sample, averaged over every dim but the first, in float32: shape (B,).
 
     `huber_c` (B,) is the threshold of huber and smooth_l1 (see huber_threshold); unused otherwise.
+    `mask` (B, 1, H, W) in [0, 1]: the average is weighted by it (see masked_mean).
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
@@ -77,7 +80,26 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
             raise ValueError(f"loss_type {loss_type!r} needs the per-sample threshold huber_c")
         c = huber_c.float().reshape(-1, *([1] * (pred.ndim - 1)))
     elementwise = fn(pred.float() - target.float(), c)
-    return elementwise.mean(dim=tuple(range(1, elementwise.ndim)))
+    return masked_mean(elementwise, mask)
+
+
+def masked_mean(elementwise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of `elementwise` (B, C, H, W) over every dim but the first: (B,).
+
+    With `mask` (B, 1, H, W) (kohya's alpha_mask / masked_loss, at latent size): each element counts with
+    its pixel's mask value and the sum is divided by the mask's area (C x the sum of the mask), so a
+    sample's loss is the mean over the region that counts, whatever its size (kohya multiplies by the mask
+    and takes the plain mean, which shrinks the loss of a small subject). An all-zero mask gives 0.
+    """
+    dims = tuple(range(1, elementwise.ndim))
+    if mask is None:
+        return elementwise.mean(dim=dims)
+    if mask.shape[0] != elementwise.shape[0] or mask.shape[2:] != elementwise.shape[2:] or mask.shape[1] != 1:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit the loss shape {tuple(elementwise.shape)}: "
+                         "expected (B, 1, H, W)")
+    weights = mask.to(elementwise.dtype).expand_as(elementwise)
+    area = weights.sum(dim=dims)
+    return (elementwise * weights).sum(dim=dims) / area.clamp(min=torch.finfo(area.dtype).tiny)
 
 
 def _constant(huber_c: float, timesteps, alphas_cumprod, num_train_timesteps) -> torch.Tensor:

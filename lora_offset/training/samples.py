@@ -8,6 +8,7 @@ from pathlib import Path
 from lora_offset.config import Config
 from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_path
+from lora_offset.training.data.buckets import resolution_size
 from lora_offset.training.data.scan import missing_class_images
 from lora_offset.training.trackers import log_images
 
@@ -16,8 +17,9 @@ log = logging.getLogger("lora_offset")
 
 def generate_class_images(config: Config, base, device) -> bool:
     """Fill regularization folders up to num_class_images with the base model's images of class_tokens."""
-    missing = [(s, missing_class_images(s)) for s in config.dataset.subsets if s.is_reg and s.num_class_images]
-    missing = [(s, k) for s, k in missing if k > 0]
+    missing = [(s, missing_class_images(s), resolution_size(d.resolution)) for d in config.datasets
+               for s in d.subsets if s.is_reg and s.num_class_images]
+    missing = [(s, k, size) for s, k, size in missing if k > 0]
     if not missing:
         return False
     from lora_offset.experiments import sample
@@ -26,12 +28,11 @@ def generate_class_images(config: Config, base, device) -> bool:
     base.unet.to(device)
     pipe = sample.build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler_config,
                                  prediction_type="epsilon")
-    size = config.dataset.resolution
-    for subset, count in missing:
+    for subset, count, (width, height) in missing:
         log.info("generating %d class images for %r in %s", count, subset.class_tokens, subset.image_dir)
         seeds = [config.training.seed * 100_000 + i for i in range(count)]
         images = sample.generate(pipe, [subset.class_tokens] * count, seeds, steps=config.training.sample_steps,
-                                 guidance_scale=config.training.sample_guidance_scale, height=size, width=size,
+                                 guidance_scale=config.training.sample_guidance_scale, height=height, width=width,
                                  clip_skip=config.training.clip_skip,
                                  max_token_length=config.training.max_token_length)
         folder = Path(subset.image_dir)
@@ -50,8 +51,8 @@ def sample_prompts(config: Config) -> list:
     """
     from lora_offset.formats.sample_prompts import prompts_from_config, resolve
 
-    t, size = config.training, config.dataset.resolution
-    return resolve(prompts_from_config(t.sample_prompts, "config"), width=size, height=size, seed=t.seed,
+    t, (width, height) = config.training, resolution_size(config.dataset.resolution)
+    return resolve(prompts_from_config(t.sample_prompts, "config"), width=width, height=height, seed=t.seed,
                    steps=t.sample_steps, guidance_scale=t.sample_guidance_scale, sampler=t.sample_sampler)
 
 

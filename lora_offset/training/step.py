@@ -31,7 +31,7 @@ class StepParts:
     text_cache: dict[str, torch.Tensor] | None  # caption -> embedding, when the text encoder is frozen
     optimizer: Any
     trainable: list[torch.nn.Parameter]
-    dataset: Any  # DreamBoothDataset
+    dataset: Any  # DatasetGroup
     generator: torch.Generator  # noise and timesteps: independent of the data order
     alphas_cumprod: torch.Tensor  # float32, on the device
     num_train_timesteps: int
@@ -67,9 +67,12 @@ def optimizer_step(parts: StepParts, step: int) -> float:
     return loss_sum
 
 
-def batch_loss(parts: StepParts, batch) -> torch.Tensor:
-    """This process's loss on its slice of one (global) micro-batch."""
+def batch_loss(parts: StepParts, batch, generator: torch.Generator | None = None,
+               timestep: int | None = None) -> torch.Tensor:
+    """This process's loss on its slice of one (global) micro-batch. Noise and timesteps come from
+    `generator` (default: the run's); `timestep` fixes every sample's timestep (the validation loss)."""
     config, accelerator, device = parts.config, parts.accelerator, parts.accelerator.device
+    generator = parts.generator if generator is None else generator
     t, noise_cfg, prediction_type = config.training, config.noise, config.model.prediction_type
     # Latents of the whole global batch (cached, or encoded now), in fp32 for the noise math.
     if batch.latents is not None:
@@ -78,16 +81,20 @@ def batch_loss(parts: StepParts, batch) -> torch.Tensor:
         latents = encode_images(parts.vae, batch.pixel_values.to(device), parts.weight_dtype).float()
     n = latents.shape[0]
     # Noise and timesteps for the whole global batch, then this process's slice.
-    eps = noise.sample_noise(latents, noise_cfg, parts.generator).to(device)
-    timesteps = noise.sample_timesteps(n, parts.num_train_timesteps, parts.generator,
-                                       min_timestep=noise_cfg.min_timestep, max_timestep=noise_cfg.max_timestep)
+    eps = noise.sample_noise(latents, noise_cfg, generator).to(device)
+    if timestep is None:
+        timesteps = noise.sample_timesteps(n, parts.num_train_timesteps, generator,
+                                           min_timestep=noise_cfg.min_timestep, max_timestep=noise_cfg.max_timestep)
+    else:
+        timesteps = torch.full((n,), int(timestep), dtype=torch.long)
     timesteps = timesteps.to(device)
     noisy_eps = eps
     if noise_cfg.input_perturbation > 0:
-        noisy_eps = noise.perturb_noise(eps, noise_cfg.input_perturbation, parts.generator).to(device)
+        noisy_eps = noise.perturb_noise(eps, noise_cfg.input_perturbation, generator).to(device)
     mine = process_slice(batch.is_reg, accelerator.process_index, accelerator.num_processes)
     latents, eps, noisy_eps, timesteps = latents[mine], eps[mine], noisy_eps[mine], timesteps[mine]
     is_reg = batch.is_reg[mine].to(device)
+    masks = batch.masks[mine].to(device) if batch.masks is not None else None  # loss weights at latent size
     captions = [batch.captions[i] for i in mine.tolist()]
 
     noisy_latents = noise.add_noise(latents, noisy_eps, timesteps, parts.alphas_cumprod)
@@ -102,7 +109,7 @@ def batch_loss(parts: StepParts, batch) -> torch.Tensor:
     if losses.LOSS_TYPES[t.loss_type][1]:
         huber_c = losses.huber_threshold(t.huber_schedule, t.huber_c, timesteps, parts.alphas_cumprod,
                                          parts.num_train_timesteps)
-    per_sample = losses.per_sample_loss(pred.float(), target.float(), t.loss_type, huber_c)
+    per_sample = losses.per_sample_loss(pred.float(), target.float(), t.loss_type, huber_c, masks)
     weights = losses.loss_weights(noise_cfg.min_snr_gamma, t.debiased_estimation, parts.alphas_cumprod, timesteps,
                                   prediction_type)
     return losses.dreambooth_loss(per_sample, is_reg, t.prior_loss_weight, weights)

@@ -25,7 +25,7 @@ from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
 from lora_offset.training import base_precision, models, networks, noise, trackers
 from lora_offset.training.data.captions import check_caption_lengths
-from lora_offset.training.data.dataset import build_dataset
+from lora_offset.training.data.group import build_datasets
 from lora_offset.training import optimizers
 from lora_offset.training.adapter import save_adapter
 from lora_offset.training.samples import generate_class_images, write_samples
@@ -33,6 +33,7 @@ from lora_offset.training.schedule import Calendar, files_to_remove, sample_due,
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state
 from lora_offset.training.step import StepParts, encode_images, optimizer_step
 from lora_offset.training.text import encode_prompts, num_layers
+from lora_offset.training.validation import validation_due, validation_loss
 
 log = logging.getLogger("lora_offset")
 
@@ -63,9 +64,10 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         check_output_dir(output_dir, needed_bytes=estimate_adapter_bytes(net))
     resume_file = find_resume_state(resume, output_dir) if resume else None
     # Every process builds the global batch (batch_size x processes) and takes its slice (step.py).
+    # Each dataset ([[datasets]]) keeps its own resolution, batch size and buckets (data/group.py).
     world = accelerator.num_processes
-    global_batch_cfg = dataclasses.replace(config.dataset, batch_size=config.dataset.batch_size * world)
-    dataset = build_dataset(global_batch_cfg, seed=t.seed)  # UserError if no readable instance image
+    dataset = build_datasets(config.datasets, t.seed, batch_scale=world)  # UserError if no readable image
+    held_out = build_datasets(config.datasets, t.seed, batch_scale=world, part="validation")  # validation_split
 
     # ---- base model, frozen, in half precision on GPU -------------------------------------
     if base is None:
@@ -83,7 +85,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
 
     # Prior preservation: generate the class images that are missing, with the untouched base model.
     if generate_class_images(config, base, device):
-        dataset = build_dataset(global_batch_cfg, seed=t.seed)
+        dataset = build_datasets(config.datasets, t.seed, batch_scale=world)
     check_caption_lengths(dataset.captions, tokenizer, t.max_token_length)
     if t.clip_skip > num_layers(text_encoder):
         raise UserError(f"training.clip_skip = {t.clip_skip} is more than the text encoder's "
@@ -100,14 +102,16 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     if t.cache_latents:
         cache_dir = output_dir / "latent_cache" if t.cache_latents_to_disk else None
         # encoder_id: a disk cache made with another base model or VAE is never reused.
-        dataset.cache_latents(lambda px: encode_images(vae, px, weight_dtype), cache_dir=cache_dir,
-                              encoder_id=f"{config.model.pretrained}|{config.model.vae}|{weight_dtype}")
+        for group in (dataset, held_out) if held_out is not None else (dataset,):
+            group.cache_latents(lambda px: encode_images(vae, px, weight_dtype), cache_dir=cache_dir,
+                                encoder_id=f"{config.model.pretrained}|{config.model.vae}|{weight_dtype}")
         vae.to("cpu")
     text_cache = None
-    if t.cache_text_embeddings and not net.train_text_encoder and dataset.caption_set() is not None:
+    caption_sets = [g.caption_set() for g in (dataset, held_out) if g is not None]
+    if t.cache_text_embeddings and not net.train_text_encoder and None not in caption_sets:
         with torch.no_grad():
             text_cache = {c: encode_prompts(tokenizer, text_encoder, [c], t.clip_skip, t.max_token_length)[0].cpu()
-                          for c in dataset.caption_set()}
+                          for c in sorted(set().union(*caption_sets))}
         text_encoder.to("cpu")
     unet.to(device)
     if t.channels_last:
@@ -195,6 +199,11 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": loss, "lr": lr, "skipped_steps": skipped_steps,
                              "epoch": calendar.epochs_completed(step)}, step=step)
+        if held_out is not None and validation_due(t, calendar, step):  # every process takes its share
+            with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
+                val_loss = validation_loss(parts, held_out, validation_seed(config))
+            accelerator.log({"loss/validation": val_loss}, step=step)
+            log.info("step %d: validation loss %.6f", step, val_loss)
 
         # ---- resumable state, samples, intermediate adapters (main process writes; everyone waits)
         if stop.requested or (t.save_state_every_steps and step % t.save_state_every_steps == 0 and step < max_steps):
@@ -345,9 +354,17 @@ def install_sigint_handler() -> _StopFlag:
     return flag
 
 
+def validation_seed(config: Config) -> int:
+    """The validation noise's seed: the first dataset's validation_seed, else training.seed (kohya's rule)."""
+    seeds = [d.validation_seed for d in config.datasets if d.validation_split > 0 and d.validation_seed is not None]
+    return seeds[0] if seeds else config.training.seed
+
+
 def flat_hparams(config: Config) -> dict:
     flat = {}
     for section, values in config.to_dict().items():
+        if not isinstance(values, dict):  # several [[datasets]]: each dataset's keys are in the adapter's metadata
+            continue
         for key, value in values.items():
             if isinstance(value, (int, float, str, bool)):
                 flat[f"{section}/{key}"] = value

@@ -10,12 +10,21 @@ SIZE_MULTIPLE = 64  # SD 1.x: VAE factor 8 x three UNet downsamplings
 Size = tuple[int, int]  # (width, height), PIL's order
 
 
-def bucket_resolutions(resolution: int, min_reso: int, max_reso: int, step: int) -> list[Size]:
-    """kohya's bucket list: (w, h) with area <= resolution², sides in [min_reso, max_reso] in `step`s.
+def resolution_size(resolution: int | Sequence[int]) -> Size:
+    """A dataset's `resolution` (one side, or kohya's [width, height]) as (width, height)."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    width, height = resolution
+    return int(width), int(height)
+
+
+def bucket_resolutions(resolution: int | Sequence[int], min_reso: int, max_reso: int, step: int) -> list[Size]:
+    """kohya's bucket list: (w, h) with area <= the resolution's area (resolution² or width x height), sides
+    in [min_reso, max_reso] in `step`s.
 
     The square bucket is always present; every other bucket comes with its transpose.
     """
-    max_area = resolution * resolution
+    max_area = math.prod(resolution_size(resolution))
     square = int(math.sqrt(max_area) // step) * step
     buckets = {(square, square)}
     width = min_reso
@@ -34,13 +43,13 @@ def nearest_bucket(size: Size, buckets: Sequence[Size]) -> Size:
     return min(buckets, key=lambda b: abs(b[0] / b[1] - ratio))
 
 
-def no_upscale_bucket(size: Size, resolution: int, step: int) -> Size:
-    """bucket_no_upscale: the image's own size, shrunk to resolution² area if larger, floored to `step`.
+def no_upscale_bucket(size: Size, resolution: int | Sequence[int], step: int) -> Size:
+    """bucket_no_upscale: the image's own size, shrunk to the resolution's area if larger, floored to `step`.
 
     A side that floors to 0 gets one `step` (a slight upscale; images under 64 px are skipped anyway).
     """
     w, h = size
-    max_area = resolution * resolution
+    max_area = math.prod(resolution_size(resolution))
     if w * h > max_area:
         scale = math.sqrt(max_area / (w * h))
         w, h = w * scale, h * scale
@@ -50,7 +59,7 @@ def no_upscale_bucket(size: Size, resolution: int, step: int) -> Size:
 def image_bucket(size: Size, cfg, buckets: Sequence[Size] | None = None) -> Size:
     """The training size of an image of `size` under DatasetConfig `cfg`."""
     if not cfg.enable_bucket:
-        return cfg.resolution, cfg.resolution
+        return resolution_size(cfg.resolution)
     if cfg.bucket_no_upscale:
         return no_upscale_bucket(size, cfg.resolution, cfg.bucket_reso_steps)
     if buckets is None:

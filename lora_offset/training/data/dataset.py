@@ -1,46 +1,58 @@
-"""The dataset: scanned images and the deterministic batch schedule, a pure function of (seed, step)."""
+"""The dataset: scanned images and the deterministic batch schedule, a pure function of (seed, step).
+
+A batch is drawn from one bucket of one dataset; each sample is the image cut to the bucket (centred,
+or at random with random_crop), colour-jittered (color_aug), flipped (flip_aug), with its loss mask
+(alpha_mask, conditioning_data_dir) cut, flipped and downscaled alike (augment.py, masks.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
 from lora_offset.errors import UserError
-from lora_offset.training.data import cache
-from lora_offset.training.data.buckets import SIZE_MULTIPLE, Size, bucket_resolutions, image_bucket
+from lora_offset.training.data import cache, masks
+from lora_offset.training.data.augment import color_aug, crop_box, resample
+from lora_offset.training.data.buckets import SIZE_MULTIPLE, Size, bucket_resolutions, image_bucket, resolution_size
 from lora_offset.training.data.captions import count_tags, fixed_caption, is_fixed, process_caption
-from lora_offset.training.data.images import fit_to_bucket, load_image, one_line, to_tensor
-from lora_offset.training.data.scan import ImageEntry, ScanReport, scan_subset, warn_report
+from lora_offset.training.data.images import load_image, one_line, to_tensor
+from lora_offset.training.data.scan import ImageEntry, ScanReport, pair_masks, scan_subset, warn_report
 
 log = logging.getLogger("lora_offset.data")
 
 
-def validate_dataset_config(cfg) -> None:
-    """Raise UserError for dataset settings that cannot work. `cfg` is a DatasetConfig."""
+def validate_dataset_config(cfg, where: str = "dataset") -> None:
+    """Raise UserError for dataset settings that cannot work. `cfg` is a DatasetConfig; `where` its key."""
     for key in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         if key != "resolution" and not cfg.enable_bucket:
             continue
         value = getattr(cfg, key)
-        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            nearest = max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-            raise UserError(f"dataset.{key} = {value} is not a multiple of 64; Stable Diffusion 1.x needs image sizes "
-                            f"divisible by 64 (the VAE divides by 8, the UNet halves that 3 times): use {nearest}")
+        for side in (value if isinstance(value, list) else [value]):
+            if side < SIZE_MULTIPLE or side % SIZE_MULTIPLE:
+                nearest = max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+                raise UserError(f"{where}.{key} = {value} is not a multiple of 64; Stable Diffusion 1.x needs image "
+                                "sizes divisible by 64 (the VAE divides by 8, the UNet halves that 3 times): "
+                                f"use {nearest}")
     if cfg.batch_size < 1:
-        raise UserError(f"dataset.batch_size = {cfg.batch_size} must be at least 1")
+        raise UserError(f"{where}.batch_size = {cfg.batch_size} must be at least 1")
     if cfg.enable_bucket:
         if cfg.min_bucket_reso > cfg.max_bucket_reso:
             raise UserError(f"dataset.min_bucket_reso = {cfg.min_bucket_reso} is larger than dataset.max_bucket_reso = "
                             f"{cfg.max_bucket_reso}; set min_bucket_reso <= max_bucket_reso")
-        if cfg.bucket_reso_steps > cfg.resolution:
+        if cfg.bucket_reso_steps > min(resolution_size(cfg.resolution)):
             raise UserError(f"dataset.bucket_reso_steps = {cfg.bucket_reso_steps} is larger than dataset.resolution = "
                             f"{cfg.resolution}; use bucket_reso_steps = 64")
-        if not cfg.min_bucket_reso <= cfg.resolution <= cfg.max_bucket_reso:
+        if not cfg.min_bucket_reso <= min(resolution_size(cfg.resolution)) <= max(resolution_size(cfg.resolution)) \
+                <= cfg.max_bucket_reso:
             raise UserError(f"dataset.resolution = {cfg.resolution} must lie between dataset.min_bucket_reso = "
                             f"{cfg.min_bucket_reso} and dataset.max_bucket_reso = {cfg.max_bucket_reso}")
     for i, s in enumerate(cfg.subsets):
@@ -58,6 +70,7 @@ class Batch:
     paths: list[Path]
     pixel_values: torch.Tensor | None = None  # float32 (N, 3, H, W) in [-1, 1], when latents are not cached
     latents: torch.Tensor | None = None  # float32 (N, 4, H/8, W/8), after cache_latents
+    masks: torch.Tensor | None = None  # float32 (N, 1, H/8, W/8) loss weights in [0, 1], when a subset has masks
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -73,8 +86,9 @@ class DreamBoothDataset:
     """Scanned images and the deterministic batch schedule. Build it with `build_dataset`."""
 
     def __init__(self, cfg, seed: int, subsets: Sequence, entries: list[ImageEntry],
-                 skipped: list[tuple[Path, str]]):
+                 skipped: list[tuple[Path, str]], held_out: int = 0):
         self.cfg = cfg
+        self.held_out = held_out  # instance images set aside for validation (validation_split)
         self.seed = int(seed)
         self.batch_size = cfg.batch_size
         self.subsets = list(subsets)
@@ -105,6 +119,8 @@ class DreamBoothDataset:
         self._epoch_cache: tuple[int, list[list[int]], list[int]] | None = None
         self._reg_cycles: dict[int, list[int]] = {}
         self._latents: dict[tuple[int, Size, bool], torch.Tensor] | None = None
+        self._masks: dict[tuple[int, Size], torch.Tensor] = {}  # cached with the latents
+        self.has_masks = any(self.subsets[e.subset].alpha_mask or e.mask is not None for e in entries)
 
     # ---- facts -----------------------------------------------------------------------------
     @property
@@ -172,7 +188,10 @@ class DreamBoothDataset:
         """(instance entry indices, class entry indices, (w, h)) of a step; no image is read."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        epoch, index = divmod(step, self.steps_per_epoch)
+        return self.plan_at(*divmod(step, self.steps_per_epoch))
+
+    def plan_at(self, epoch: int, index: int) -> tuple[list[int], list[int], Size]:
+        """batch_plan of the `index`-th batch of epoch `epoch` (counted from 0)."""
         batches, before = self._epoch_plan(epoch)
         instance = batches[index]
         size = self.entries[instance[0]].bucket
@@ -188,8 +207,13 @@ class DreamBoothDataset:
         """The batch number `step` (a micro-batch of the global batch): same (seed, step), same batch, in any
         process. `optimizer_step` (default: `step`) drives caption token warm-up; `max_steps` turns a
         fractional token_warmup_step into steps."""
-        instance, reg, size = self.batch_plan(step)
-        epoch = step // self.steps_per_epoch + 1  # counted from 1, as kohya's caption_dropout_every_n_epochs
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return self.batch_at(epoch, index, step, optimizer_step=optimizer_step, max_steps=max_steps)
+
+    def batch_at(self, epoch: int, index: int, step: int, *, optimizer_step: int | None = None,
+                 max_steps: int | None = None) -> Batch:
+        """The `index`-th batch of epoch `epoch`, with the random choices of batch number `step` (see batch)."""
+        instance, reg, size = self.plan_at(epoch, index)
         optimizer_step = step if optimizer_step is None else optimizer_step
         g = _generator(self.seed, "augment", step)
         captions, flips = [], []
@@ -198,65 +222,123 @@ class DreamBoothDataset:
             subset = self.subsets[entry.subset]
             flip = bool(torch.rand((), generator=g) < 0.5)  # drawn always, so one subset's setting moves no other's
             flips.append(flip and subset.flip_aug)
-            captions.append(process_caption(entry.caption, subset, g, epoch=epoch, step=optimizer_step,
+            # epoch counted from 1, as kohya's caption_dropout_every_n_epochs
+            captions.append(process_caption(entry.caption, subset, g, epoch=epoch + 1, step=optimizer_step,
                                             max_steps=max_steps))
         indices = instance + reg
         batch = Batch(captions=captions,
                       is_reg=torch.tensor([False] * len(instance) + [True] * len(reg), dtype=torch.bool),
                       paths=[self.entries[i].path for i in indices])
+        sample_masks = []
         if self._latents is not None:
             batch.latents = torch.stack([self._latents[(i, size, f)] for i, f in zip(indices, flips)])
+            for i, flip in zip(indices, flips):
+                mask = self._masks.get((i, size))
+                sample_masks.append(None if mask is None else mask.flip(-1) if flip else mask)
         else:
             pixels = []
-            for i, flip in zip(indices, flips):
-                tensor = self.pixels(i, [size])[size]
-                pixels.append(tensor.flip(-1) if flip else tensor)
+            for position, (i, flip) in enumerate(zip(indices, flips)):
+                subset = self.subsets[self.entries[i].subset]
+                # Own streams per sample, drawn only when asked for: turning them on moves no other choice.
+                crop = _generator(self.seed, "crop", step, position) if subset.random_crop else None
+                color = _generator(self.seed, "color", step, position) if subset.color_aug else None
+                px, mask = self.render(i, [size], flip=flip, crop=crop, color=color)[size]
+                pixels.append(px)
+                sample_masks.append(mask)
             batch.pixel_values = torch.stack(pixels)
+        if self.has_masks:
+            latent_size = (1, size[1] // masks.LATENT_FACTOR, size[0] // masks.LATENT_FACTOR)
+            batch.masks = torch.stack([torch.ones(latent_size) if m is None else m for m in sample_masks])
         return batch
 
-    def pixels(self, index: int, sizes: Sequence[Size]) -> dict[Size, torch.Tensor]:
-        """Entry `index` decoded and fitted to each of `sizes`: {size: float32 (3, H, W) in [-1, 1]}."""
-        path = self.entries[index].path
-        try:
-            img = load_image(path, sizes)
-        except Exception as e:
-            raise UserError(f"cannot read image '{path}' ({one_line(e)}); it was readable when the dataset was "
-                            "scanned: restore it or remove it and start again") from None
-        return {s: to_tensor(fit_to_bucket(img, s)) for s in sizes}
+    def render(self, index: int, sizes: Sequence[Size], *, flip: bool = False, crop: torch.Generator | None = None,
+               color: torch.Generator | None = None) -> dict[Size, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Entry `index` as a sample at each of `sizes`: {size: (pixels float32 (3, H, W) in [-1, 1], mask
+        float32 (1, H/8, W/8) or None)}; cut at random with a `crop` generator (else centred), colour-jittered
+        with a `color` generator, flipped with `flip`. The mask follows every geometric step of the pixels."""
+        entry = self.entries[index]
+        subset = self.subsets[entry.subset]
+        # A mask file has the image's full size: decode the image at full size too (no JPEG draft).
+        img, alpha = _read(lambda: load_image(entry.path, () if entry.mask is not None else sizes, with_alpha=True),
+                           "image", entry.path)
+        mask_img = _read(lambda: masks.read_mask(entry.mask), "mask", entry.mask) if entry.mask is not None else None
+        if subset.alpha_mask:
+            mask_img = alpha if alpha is not None else Image.new("L", img.size, 255)
+        out = {}
+        for size in sizes:
+            box = crop_box(img.size, size, crop)
+            placed = resample(img, size, box, subset.resize_interpolation)
+            px = to_tensor(color_aug(placed, color) if color is not None else placed)
+            mask = None
+            if mask_img is not None:
+                mask = masks.to_latent_size(masks.to_mask_tensor(resample(mask_img, size, box,
+                                                                          subset.resize_interpolation)))
+            if flip:
+                px, mask = px.flip(-1), None if mask is None else mask.flip(-1)
+            out[size] = (px, mask)
+        return out
 
     # ---- latent cache --------------------------------------------------------------------------
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], cache_dir: Path | str | None = None,
                       *, encoder_id: str = "", batch_size: int = 4) -> None:
         """Encode every (image, size, flip) a batch can use, once (see cache.encode_latents);
-        afterwards `batch()` returns latents."""
-        self._latents = cache.encode_latents(self, encode, cache_dir, encoder_id=encoder_id, batch_size=batch_size)
+        afterwards `batch()` returns latents (and the masks cached with them)."""
+        self._latents, self._masks = cache.encode_latents(self, encode, cache_dir, encoder_id=encoder_id,
+                                                          batch_size=batch_size)
 
 
-def build_dataset(cfg, seed: int) -> DreamBoothDataset:
+def _read(load: Callable, what: str, path: Path):
+    try:
+        return load()
+    except Exception as e:
+        raise UserError(f"cannot read {what} '{path}' ({one_line(e)}); it was readable when the dataset was "
+                        "scanned: restore it or remove it and start again") from None
+
+
+def build_dataset(cfg, seed: int, *, where: str = "dataset", part: str = "train") -> DreamBoothDataset | None:
     """Scan every subset of DatasetConfig `cfg` and return the dataset. Cheap: no full decode of PNGs.
 
+    `where`: the dataset's key in messages. `part`: "train", or "validation" for the images that
+    `validation_split` holds out (kohya: each instance subset's images shuffled by `validation_seed`,
+    default `seed`; the first ceil(n x (1 - split)) train, the rest validate, each once per epoch; class
+    images are never held out); None when nothing is held out.
     Raises UserError for a missing folder, a subset with captionless images and no class_tokens,
     a regularization subset without readable images, or no readable instance image at all.
     Logs one warning per kind of problem (skipped images, ignored files, Latin-1 and empty captions).
     """
-    validate_dataset_config(cfg)
+    validate_dataset_config(cfg, where)
     subsets = list(cfg.subsets)
     if not any(not s.is_reg for s in subsets):
-        raise UserError("the dataset has no instance images configured: set dataset.train_data_dir or add "
-                        "[[dataset.subsets]] with image_dir")
+        raise UserError(f"the dataset has no instance images configured: set {where}.train_data_dir or add "
+                        f"[[{where}.subsets]] with image_dir")
+    if part == "validation":
+        subsets = [dataclasses.replace(s, num_repeats=1) for s in subsets]
     buckets = None
     if cfg.enable_bucket and not cfg.bucket_no_upscale:
         buckets = bucket_resolutions(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+    validation_seed = seed if cfg.validation_seed is None else cfg.validation_seed
     report = ScanReport()
     entries: list[ImageEntry] = []
     empty_reg: list[int] = []
+    held_out = 0
     for index, subset in enumerate(subsets):
-        found = scan_subset(subset, index, report)
+        found = scan_subset(subset, f"{where}.subsets[{index}]", report)
         if subset.is_reg and not found and subset.num_class_images == 0:
             empty_reg.append(index)  # with num_class_images, the trainer fills it before training
-        for path, size, caption in found:
+        mask_files = pair_masks(subset, f"{where}.subsets[{index}]", found) if subset.conditioning_data_dir \
+            else [None] * len(found)
+        items = list(zip(found, mask_files))
+        if cfg.validation_split > 0 and not subset.is_reg:
+            train, validation = split_for_validation(items, cfg.validation_split, validation_seed)
+            held_out += len(validation)
+            items = train if part == "train" else validation
+        elif part == "validation":
+            items = []
+        for (path, size, caption), mask in items:
             entries.append(ImageEntry(path=path, caption=caption, subset=index, is_reg=bool(subset.is_reg),
-                                      size=size, bucket=image_bucket(size, cfg, buckets)))
+                                      size=size, bucket=image_bucket(size, cfg, buckets), mask=mask))
+    if part == "validation":
+        return DreamBoothDataset(cfg, seed, subsets, entries, []) if entries else None
     warn_report(report)
     if not any(not e.is_reg for e in entries):
         folders = ", ".join(f"'{s.image_dir}'" for s in subsets if not s.is_reg)
@@ -267,7 +349,17 @@ def build_dataset(cfg, seed: int) -> DreamBoothDataset:
                         f"there{note}")
     if empty_reg:
         index = empty_reg[0]
-        raise UserError(f"dataset.subsets[{index}] (is_reg = true) has no readable class images in "
+        raise UserError(f"{where}.subsets[{index}] (is_reg = true) has no readable class images in "
                         f"'{subsets[index].image_dir}'; add class images, set num_class_images to have them "
                         "generated, or remove the subset")
-    return DreamBoothDataset(cfg, seed, subsets, entries, list(report.skipped))
+    return DreamBoothDataset(cfg, seed, subsets, entries, list(report.skipped), held_out=held_out)
+
+
+def split_for_validation(items: list, share: float, seed: int) -> tuple[list, list]:
+    """kohya's split_train_val: the items shuffled by Python's `random` seeded with `seed`; the first
+    ceil(n x (1 - share)) train, the others validate (kohya's own validation part may overlap the
+    training part by one image; here it is the rest). Both parts keep the items' order."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    train = set(order[:math.ceil(len(items) * (1 - share))])
+    return [x for k, x in enumerate(items) if k in train], [x for k, x in enumerate(items) if k not in train]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from lora_offset.training.data.augment import resample
 from lora_offset.training.data.buckets import Size, center_crop_box
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -38,7 +39,7 @@ def _oriented_size(img: Image.Image) -> Size:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def probe_image(path: Path) -> tuple[Size | None, str | None]:
+def probe_image(path: Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[Size | None, str | None]:
     """Check that `path` is a readable image, cheaply. Returns (size after EXIF rotation, None) or (None, reason).
 
     PNGs are checked chunk by chunk (CRCs, no inflate); JPEGs are decoded at 1/8 scale, which
@@ -71,8 +72,8 @@ def probe_image(path: Path) -> tuple[Size | None, str | None]:
         return None, "too large to decode in memory"
     except Exception as e:  # truncated data, bad CRC, broken headers: each format raises its own type
         return None, f"truncated or corrupt ({one_line(e)})"
-    if min(size) < MIN_IMAGE_SIDE:
-        return None, f"too small: {size[0]}x{size[1]} px; images need at least {MIN_IMAGE_SIDE} px on each side"
+    if min(size) < min_side:
+        return None, f"too small: {size[0]}x{size[1]} px; images need at least {min_side} px on each side"
     return size, None
 
 
@@ -105,11 +106,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: Path, targets: Iterable[Size] = ()) -> Image.Image:
+def load_image(path: Path, targets: Iterable[Size] = (), with_alpha: bool = False):
     """Decode `path` to an upright 8-bit RGB image (first frame of an animation).
 
     `targets`: sizes the image will be resized to cover; JPEGs are then decoded at the smallest
     1/2, 1/4 or 1/8 scale that still covers them all, which is much faster for large photos.
+    `with_alpha`: return (RGB image, its alpha channel as an "L" image or None without transparency);
+    the RGB pixels are composited on white either way.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # probe_image has decided already
@@ -126,16 +129,16 @@ def load_image(path: Path, targets: Iterable[Size] = ()) -> Image.Image:
                 upright = ImageOps.exif_transpose(img)
             except Exception:  # unreadable EXIF: keep the pixels as stored
                 upright = img.copy()
-            return to_rgb(upright)
+            if not with_alpha:
+                return to_rgb(upright)
+            from lora_offset.training.data.masks import alpha_channel
+
+            return to_rgb(upright), alpha_channel(upright)
 
 
 def fit_to_bucket(img: Image.Image, bucket: Size) -> Image.Image:
     """Resize to cover `bucket` and centre-crop, in one Lanczos resampling."""
-    if img.size == bucket:
-        return img
-    box = center_crop_box(img.size, bucket)
-    downscale = (box[2] - box[0]) > bucket[0]
-    return img.resize(bucket, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0 if downscale else None)
+    return resample(img, bucket, center_crop_box(img.size, bucket))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -25,6 +25,7 @@ class ImageEntry:
     is_reg: bool
     size: Size  # upright size in pixels
     bucket: Size  # training size (instance images; class images follow the instance batch)
+    mask: Path | None = None  # its mask image in the subset's conditioning_data_dir
 
 
 @dataclass
@@ -53,9 +54,8 @@ def _list_folder(folder: Path, caption_extension: str) -> tuple[list[Path], list
     return images, ignored
 
 
-def _subset_folder(subset, index: int) -> Path:
+def _subset_folder(subset, key: str) -> Path:
     folder = Path(subset.image_dir).expanduser()
-    key = f"dataset.subsets[{index}].image_dir"
     if not folder.exists():
         what = "class" if subset.is_reg else "training"
         raise UserError(f"{key} = '{subset.image_dir}' does not exist; create the folder and put the {what} images "
@@ -65,11 +65,12 @@ def _subset_folder(subset, index: int) -> Path:
     return folder
 
 
-def scan_subset(subset, index: int, report: ScanReport) -> list[tuple[Path, Size, str]]:
-    """(path, size, caption) for every readable image of a subset; problems go to `report`."""
+def scan_subset(subset, where: str, report: ScanReport) -> list[tuple[Path, Size, str]]:
+    """(path, size, caption) for every readable image of a subset (`where`: its key, e.g.
+    "dataset.subsets[0]"); problems go to `report`."""
     if subset.is_reg and subset.num_class_images > 0 and not Path(subset.image_dir).expanduser().exists():
         return []  # the trainer generates the class images into it, then scans again
-    folder = _subset_folder(subset, index)
+    folder = _subset_folder(subset, f"{where}.image_dir")
     images, ignored = _list_folder(folder, subset.caption_extension)
     report.ignored.extend(ignored)
     found, uncaptioned = [], []
@@ -98,9 +99,44 @@ def scan_subset(subset, index: int, report: ScanReport) -> list[tuple[Path, Size
     if uncaptioned:
         example = uncaptioned[0]
         raise UserError(f"{len(uncaptioned)} image(s) in '{folder}' have no caption (e.g. '{example.stem}"
-                        f"{subset.caption_extension}' is missing or empty) and dataset.subsets[{index}].class_tokens "
+                        f"{subset.caption_extension}' is missing or empty) and {where}.class_tokens "
                         "is not set; add caption files, set class_tokens, or name the folder like '10_sks dog'")
     return found
+
+
+def pair_masks(subset, where: str, found: list[tuple[Path, Size, str]]) -> list[Path]:
+    """The mask image of each found image in the subset's conditioning_data_dir (kohya's layout: same stem,
+    same size). A missing or unreadable mask, or one of another size, is an error naming the files."""
+    from lora_offset.training.data.masks import find_conditioning_image
+
+    key = f"{where}.conditioning_data_dir"
+    folder = Path(subset.conditioning_data_dir).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{key} = '{subset.conditioning_data_dir}' is not a folder; it must hold one mask image "
+                        "per training image, with the same name")
+    masks, missing = [], []
+    for path, size, _ in found:
+        mask = find_conditioning_image(folder, path.stem)
+        if mask is None:
+            missing.append(path.stem)
+            continue
+        mask_size, reason = probe_image(mask, min_side=1)
+        if reason is not None:
+            raise UserError(f"mask '{mask}' of '{path}' cannot be used: {reason}")
+        if mask_size != size:
+            raise UserError(f"mask '{mask}' is {mask_size[0]}x{mask_size[1]} px but its image '{path}' is "
+                            f"{size[0]}x{size[1]} px; a mask must have its image's size")
+        masks.append(mask)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{len(missing)} image(s) of '{subset.image_dir}' have no mask in {key} = "
+                        f"'{subset.conditioning_data_dir}' (an image with the same name): {shown}")
+    paired = set(masks)
+    extra = [p.name for p in sorted(folder.iterdir()) if is_image_file(p) and p not in paired]
+    if extra:  # kohya stops here; an unused mask harms nothing, but it may be a misnamed one
+        log.warning("%s = '%s': %d image(s) match no training image and are not used: %s", key,
+                    subset.conditioning_data_dir, len(extra), ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""))
+    return masks
 
 
 def warn_report(report: ScanReport, max_ignored: int = 50) -> None:
