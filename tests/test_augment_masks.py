@@ -227,3 +227,11 @@ def test_conditioning_masks_missing_or_of_another_size_are_errors(tmp_path, capl
     assert masks["a.png"].min() == 1 and masks["b.png"].max() == 0
     with pytest.raises(UserError, match="is not a folder"):
         build_dataset(cfg(sub(tmp_path / "imgs", conditioning_data_dir=str(tmp_path / "nope"))), seed=0)
+
+
+def test_a_dataset_with_random_crop_or_color_aug_refuses_a_latent_cache(tmp_path):
+    column_image(tmp_path / "imgs" / "a.png", 96, 64)
+    for key in ("random_crop", "color_aug"):
+        ds = build_dataset(cfg(sub(tmp_path / "imgs", **{key: True})), seed=0)
+        with pytest.raises(UserError, match=f"{key} = true changes the image at every use"):
+            ds.cache_latents(lambda px: pytest.fail("encoded"))

@@ -248,3 +248,11 @@ batch_size = 2
                                                 "k.toml"))
     assert "datasets[1].subsets[0].num_repeats must be >= 1, got 0" in error_of(
         load_config, write(tmp_path, text.replace('image_dir = "b"', 'image_dir = "b"\n  num_repeats = 0'), "r.toml"))
+
+
+def test_the_example_kohya_dataset_file_loads_as_is():
+    root = Path(__file__).resolve().parents[1] / "examples"
+    config = load_config(root / "train_only.toml", dataset_config=root / "dataset_kohya.toml")
+    (dataset,) = config.datasets
+    assert [(s.num_repeats, s.class_tokens, s.is_reg, s.shuffle_caption) for s in dataset.subsets] == [
+        (10, "sks dog", False, True), (1, "dog", True, True)]

@@ -283,6 +283,10 @@ class DreamBoothDataset:
                       *, encoder_id: str = "", batch_size: int = 4) -> None:
         """Encode every (image, size, flip) a batch can use, once (see cache.encode_latents);
         afterwards `batch()` returns latents (and the masks cached with them)."""
+        changing = [f"{key}" for s in self.subsets for key in ("random_crop", "color_aug") if getattr(s, key)]
+        if changing:  # config_rules refuses the pair earlier; this guards direct use of the dataset
+            raise UserError(f"{changing[0]} = true changes the image at every use, so its latents cannot be cached: "
+                            "set training.cache_latents = false")
         self._latents, self._masks = cache.encode_latents(self, encode, cache_dir, encoder_id=encoder_id,
                                                           batch_size=batch_size)
 
