@@ -11,6 +11,7 @@ from lora_offset.formats import kohya, lycoris
 from lora_offset.training import base_precision, models, optimizers
 from lora_offset.training.data.buckets import resolution_size
 from lora_offset.training.schedule import Calendar
+from lora_offset.training.validation import validation_seed
 
 
 def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet, text_encoder, step: int,
@@ -88,12 +89,11 @@ def dataset_metadata(config: Config, dataset) -> dict:
     """kohya's ss_datasets (each dataset and its subsets, JSON) and the masked-loss and validation fields."""
     t = config.training
     split = [d.validation_split for d in config.datasets if d.validation_split > 0]
-    seeds = [d.validation_seed for d in config.datasets if d.validation_split > 0 and d.validation_seed is not None]
     return {
         "ss_datasets": dataset.ss_datasets(),
         "ss_masked_loss": t.masked_loss or dataset.has_masks,
         "ss_validation_split": split[0] if split else 0.0,
-        "ss_validation_seed": seeds[0] if seeds else (t.seed if split else None),
+        "ss_validation_seed": validation_seed(config) if split else None,
         "ss_num_validation_images": dataset.held_out,
         "ss_validate_every_n_steps": t.validate_every_n_steps if split else None,
     }

@@ -33,7 +33,7 @@ from lora_offset.training.schedule import Calendar, files_to_remove, sample_due,
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state
 from lora_offset.training.step import StepParts, encode_images, optimizer_step
 from lora_offset.training.text import encode_prompts, num_layers
-from lora_offset.training.validation import validation_due, validation_loss
+from lora_offset.training.validation import validation_due, validation_loss, validation_seed
 
 log = logging.getLogger("lora_offset")
 
@@ -352,12 +352,6 @@ def install_sigint_handler() -> _StopFlag:
     except ValueError:
         pass
     return flag
-
-
-def validation_seed(config: Config) -> int:
-    """The validation noise's seed: the first dataset's validation_seed, else training.seed (kohya's rule)."""
-    seeds = [d.validation_seed for d in config.datasets if d.validation_split > 0 and d.validation_seed is not None]
-    return seeds[0] if seeds else config.training.seed
 
 
 def flat_hparams(config: Config) -> dict:

@@ -31,6 +31,12 @@ def noise_generator(seed: int, batch: int, timestep_index: int) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def validation_seed(config) -> int:
+    """The validation noise's seed: the first validating dataset's validation_seed, else training.seed (kohya)."""
+    seeds = [d.validation_seed for d in config.datasets if d.validation_split > 0 and d.validation_seed is not None]
+    return seeds[0] if seeds else config.training.seed
+
+
 def validation_due(t, calendar, step: int) -> bool:
     """After optimizer step `step`: every validate_every_n_steps, else at the end of each epoch."""
     if t.validate_every_n_steps:
