@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import tomllib
 import types
@@ -388,6 +389,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{source}: {key} must be a number, got {_type_name(value)} {value!r}")
+        # TOML has nan and inf literals; no setting means anything with them (a NaN learning rate
+        # would train to NaN and fail only at export), so every float key refuses them here.
+        if not math.isfinite(value):
+            raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

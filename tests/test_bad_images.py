@@ -94,9 +94,11 @@ UNREADABLE = {
     "truncated.bmp": (lambda: half(encoded("BMP")), TRUNCATED),
     "truncated.gif": (lambda: half(encoded("GIF")), TRUNCATED),
     "bomb.png": (bomb_png, BOMB),
-    "1x1.png": (lambda: small((1, 1)), "too small: 1x1 px; images need at least 64 px on each side"),
-    "63x200.jpg": (lambda: small((63, 200), "JPEG"), "too small: 63x200 px; images need at least 64 px on each side"),
-    "200x10.webp": (lambda: small((200, 10), "WEBP"), "too small: 200x10 px; images need at least 64 px on each side"),
+}
+TOO_SMALL = {
+    "1x1.png": (lambda: small((1, 1)), "1x1"),
+    "63x200.jpg": (lambda: small((63, 200), "JPEG"), "63x200"),
+    "200x10.webp": (lambda: small((200, 10), "WEBP"), "200x10"),
 }
 
 
@@ -121,6 +123,42 @@ def test_unreadable_image_is_skipped_and_listed(tmp_path, caplog, name):
     assert [r.getMessage() for r in caplog.records] == [f"skipped 1 unreadable image(s):\n  {bad}: {reason}"]
 
 
+@pytest.mark.parametrize("name", list(TOO_SMALL))
+def test_image_too_small_is_skipped_as_too_small_not_unreadable_and_says_what_to_do(tmp_path, caplog, name):
+    folder = tmp_path / "10_sks dog"
+    folder.mkdir()
+    noise_image().save(folder / "good.png")
+    content, size = TOO_SMALL[name]
+    bad = folder / name
+    bad.write_bytes(content())
+    with caplog.at_level(logging.WARNING, logger="lora_offset"):
+        ds = build_dataset(cfg(sub(folder)), seed=0)
+    reason = f"too small: {size} px; SD 1.x needs at least 64 px on each side: use a larger image"
+    assert ds.skipped == [(bad, reason)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 image(s) that are too small to train on:\n  {bad}: {reason}"]
+
+
+def test_image_smaller_than_its_training_size_is_trained_upscaled_with_advice(tmp_path, caplog):
+    folder = tmp_path / "10_sks dog"
+    folder.mkdir()
+    noise_image((64, 64)).save(folder / "small.png")
+    noise_image((200, 130)).save(folder / "large.png")
+    with caplog.at_level(logging.WARNING, logger="lora_offset"):
+        ds = build_dataset(cfg(sub(folder), resolution=128), seed=0)
+    assert sorted(e.path.name for e in ds.entries) == ["large.png", "small.png"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 image(s) are smaller than the size they train at and are upscaled, which blurs them; use larger images, "
+        "a lower dataset.resolution, or dataset.enable_bucket = true with dataset.bucket_no_upscale = true "
+        f"(each image trains at its own size):\n  {folder / 'small.png'}: 64x64 px, trains at 128x128"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lora_offset"):  # the advice works: no upscale, no warning
+        ds = build_dataset(cfg(sub(folder), resolution=128, enable_bucket=True, bucket_no_upscale=True,
+                               min_bucket_reso=64), seed=0)
+    assert {e.path.name: e.bucket for e in ds.entries}["small.png"] == (64, 64)
+    assert caplog.records == []
+
+
 def test_decompression_bomb_warning_range_is_skipped_too(tmp_path, monkeypatch):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -142,10 +180,11 @@ def test_many_problems_make_one_warning_listing_each(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
         build_dataset(cfg(sub(folder)), seed=0)
     assert [r.getMessage() for r in caplog.records] == [
-        "skipped 3 unreadable image(s):\n"
+        "skipped 2 unreadable image(s):\n"
         f"  {folder / 'a.png'}: empty file (0 bytes)\n"
-        f"  {folder / 'b.jpg'}: {NOT_IMAGE}\n"
-        f"  {folder / 'c.png'}: too small: 1x1 px; images need at least 64 px on each side"]
+        f"  {folder / 'b.jpg'}: {NOT_IMAGE}",
+        "skipped 1 image(s) that are too small to train on:\n"
+        f"  {folder / 'c.png'}: too small: 1x1 px; SD 1.x needs at least 64 px on each side: use a larger image"]
 
 
 def test_non_image_files_are_ignored_with_one_warning(tmp_path, caplog):
@@ -415,11 +454,13 @@ def test_dataset_of_only_unreadable_images(tmp_path, caplog):
     folder.mkdir()
     (folder / "a.png").write_bytes(b"")
     (folder / "b.jpg").write_bytes(half(encoded("JPEG")))
+    (folder / "c.png").write_bytes(small((40, 40)))
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
         message = one_line_error(cfg(sub(folder)))
     assert message == (f"no readable instance images in '{folder}'; put .jpg, .jpeg, .png, .webp, .bmp or .gif "
-                       "images there (2 file(s) were skipped as unreadable, listed in the warning above)")
-    assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith("skipped 2 unreadable image(s):")
+                       "images there (3 file(s) were skipped: 2 unreadable, 1 too small; listed in the warnings above)")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "skipped 2 unreadable image(s)", "skipped 1 image(s) that are too small to train on"]
 
 
 def test_only_regularization_subsets(tmp_path):

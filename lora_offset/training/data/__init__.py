@@ -7,10 +7,12 @@ What a kohya sd-scripts user can expect, and the choices made where kohya leaves
   are scaled 0..65535 -> 0..255 (Pillow's own conversion would clip them to white). CMYK is
   converted through its embedded ICC profile when it has one. Animated GIF/WebP: the first frame.
 * Skipped, with one warning listing every skipped file and why: empty, truncated or corrupt files,
-  files that are not images whatever their name, images above Pillow's decompression-bomb limit
-  (`PIL.Image.MAX_IMAGE_PIXELS`), and images smaller than 64 px on a side (upscaling a thumbnail
-  to 512 px teaches the model blur). Other files in an image folder are ignored with one warning
-  (caption files, dot-files and kohya's .npz latent caches silently).
+  files that are not images whatever their name, and images above Pillow's decompression-bomb
+  limit (`PIL.Image.MAX_IMAGE_PIXELS`). Images smaller than 64 px on a side are readable but
+  skipped with their own warning (upscaling a thumbnail to 512 px teaches the model blur); images
+  smaller than the size they train at are trained upscaled, with one warning listing them and
+  the ways out (larger images, a lower resolution, `bucket_no_upscale`). Other files in an image
+  folder are ignored with one warning (caption files, dot-files and kohya's .npz latent caches silently).
 * Captions: `<image stem><caption_extension>`, first non-empty line; read as UTF-8 (a BOM is
   fine), else as Latin-1 with a warning naming the file. No caption file, or an empty one: the
   subset's class_tokens. `shuffle_caption` shuffles the comma-separated tags after the first

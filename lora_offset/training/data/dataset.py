@@ -24,7 +24,7 @@ from lora_offset.training.data import cache, masks
 from lora_offset.training.data.augment import color_aug, crop_box, resample
 from lora_offset.training.data.buckets import SIZE_MULTIPLE, Size, bucket_resolutions, image_bucket, resolution_size
 from lora_offset.training.data.captions import count_tags, fixed_caption, is_fixed, process_caption
-from lora_offset.training.data.images import load_image, one_line, to_tensor
+from lora_offset.training.data.images import TOO_SMALL, load_image, one_line, to_tensor, upscale_factor
 from lora_offset.training.data.scan import ImageEntry, ScanReport, pair_masks, scan_subset, warn_report
 
 log = logging.getLogger("lora_offset.data")
@@ -339,8 +339,11 @@ def build_dataset(cfg, seed: int, *, where: str = "dataset", part: str = "train"
         elif part == "validation":
             items = []
         for (path, size, caption), mask in items:
-            entries.append(ImageEntry(path=path, caption=caption, subset=index, is_reg=bool(subset.is_reg),
-                                      size=size, bucket=image_bucket(size, cfg, buckets), mask=mask))
+            entry = ImageEntry(path=path, caption=caption, subset=index, is_reg=bool(subset.is_reg),
+                               size=size, bucket=image_bucket(size, cfg, buckets), mask=mask)
+            if not entry.is_reg and upscale_factor(size, entry.bucket) > 1:
+                report.upscaled.append((path, size, entry.bucket))
+            entries.append(entry)
     if part == "validation":
         return DreamBoothDataset(cfg, seed, subsets, entries, []) if entries else None
     warn_report(report)
@@ -348,7 +351,9 @@ def build_dataset(cfg, seed: int, *, where: str = "dataset", part: str = "train"
         folders = ", ".join(f"'{s.image_dir}'" for s in subsets if not s.is_reg)
         note = ""
         if report.skipped:
-            note = f" ({len(report.skipped)} file(s) were skipped as unreadable, listed in the warning above)"
+            small = sum(1 for _, reason in report.skipped if reason.startswith(TOO_SMALL))
+            kinds = [f"{n} {what}" for n, what in ((len(report.skipped) - small, "unreadable"), (small, "too small")) if n]
+            note = f" ({len(report.skipped)} file(s) were skipped: {', '.join(kinds)}; listed in the warnings above)"
         raise UserError(f"no readable instance images in {folders}; put .jpg, .jpeg, .png, .webp, .bmp or .gif images "
                         f"there{note}")
     if empty_reg:

@@ -73,8 +73,21 @@ def probe_image(path: Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[Size | None
     except Exception as e:  # truncated data, bad CRC, broken headers: each format raises its own type
         return None, f"truncated or corrupt ({one_line(e)})"
     if min(size) < min_side:
-        return None, f"too small: {size[0]}x{size[1]} px; images need at least {min_side} px on each side"
+        return None, too_small_reason(size, min_side)
     return size, None
+
+
+TOO_SMALL = "too small"
+
+
+def too_small_reason(size: Size, min_side: int = MIN_IMAGE_SIDE) -> str:
+    return (f"{TOO_SMALL}: {size[0]}x{size[1]} px; SD 1.x needs at least {min_side} px on each side: "
+            "use a larger image")
+
+
+def upscale_factor(size: Size, bucket: Size) -> float:
+    """How much fitting an image of `size` to `bucket` (resize to cover, centre-crop) enlarges it; > 1 is an upscale."""
+    return max(bucket[0] / size[0], bucket[1] / size[1])
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -9,7 +9,7 @@ from pathlib import Path
 from lora_offset.errors import UserError
 from lora_offset.training.data.buckets import Size
 from lora_offset.training.data.captions import read_caption_file
-from lora_offset.training.data.images import IMAGE_EXTENSIONS, is_image_file, probe_image
+from lora_offset.training.data.images import IMAGE_EXTENSIONS, TOO_SMALL, is_image_file, probe_image
 
 log = logging.getLogger("lora_offset.data")
 # Files that live in image folders and need no warning: OS litter and kohya's latent caches.
@@ -31,7 +31,8 @@ class ImageEntry:
 @dataclass
 class ScanReport:
     ignored: list[Path] = field(default_factory=list)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable or too small: not trained on
+    upscaled: list[tuple[Path, Size, Size]] = field(default_factory=list)  # (path, size, training size)
     latin1: list[Path] = field(default_factory=list)
     empty_captions: list[Path] = field(default_factory=list)
 
@@ -145,9 +146,21 @@ def warn_report(report: ScanReport, max_ignored: int = 50) -> None:
         more = f"\n  ... and {len(lines) - len(shown)} more" if len(shown) < len(lines) else ""
         return "\n".join(f"  {line}" for line in shown) + more
 
-    if report.skipped:  # every one: each is a training image the user meant to use
-        log.warning("skipped %d unreadable image(s):\n%s", len(report.skipped),
-                    listing([f"{p}: {reason}" for p, reason in report.skipped]))
+    # Every skipped file is listed: each is a training image the user meant to use. A readable image
+    # that is merely small is not called unreadable: its fix is different.
+    unreadable = [(p, r) for p, r in report.skipped if not r.startswith(TOO_SMALL)]
+    too_small = [(p, r) for p, r in report.skipped if r.startswith(TOO_SMALL)]
+    if unreadable:
+        log.warning("skipped %d unreadable image(s):\n%s", len(unreadable),
+                    listing([f"{p}: {reason}" for p, reason in unreadable]))
+    if too_small:
+        log.warning("skipped %d image(s) that are too small to train on:\n%s", len(too_small),
+                    listing([f"{p}: {reason}" for p, reason in too_small]))
+    if report.upscaled:
+        log.warning("%d image(s) are smaller than the size they train at and are upscaled, which blurs them; use "
+                    "larger images, a lower dataset.resolution, or dataset.enable_bucket = true with "
+                    "dataset.bucket_no_upscale = true (each image trains at its own size):\n%s", len(report.upscaled),
+                    listing([f"{p}: {w}x{h} px, trains at {bw}x{bh}" for p, (w, h), (bw, bh) in report.upscaled]))
     if report.ignored:
         log.warning("ignored %d file(s) that are neither images (%s) nor caption files:\n%s", len(report.ignored),
                     " ".join(IMAGE_EXTENSIONS),
