@@ -125,6 +125,7 @@ class TrainingConfig:
     torch_compile: bool = False  # torch.compile the UNet (GPU throughput; slow first steps)
     channels_last: bool = False  # channels-last memory format for the UNet (GPU throughput)
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
+    deterministic: Optional[bool] = None  # bit-identical reruns and resumes; None: true on CPU, false on a GPU
 
 
 @dataclass

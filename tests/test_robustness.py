@@ -1,13 +1,14 @@
-"""Nothing lost, nothing crashes: kill -9 and resume, Ctrl-C, a kill during a save, NaN guards,
-and two-process training. Training runs in real subprocesses that receive real signals."""
+"""Nothing lost, nothing crashes: kill -9 anywhere and resume, Ctrl-C, a full disk, NaN guards,
+bit-identical runs in a user's default settings, and two-process training. Training runs in real
+subprocesses that receive real signals; tests/train_driver.py lands a kill exactly where a test wants it."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,8 +19,12 @@ from safetensors.torch import load_file
 from lora_offset.cli import main
 from tests.test_train import make_images, write_config
 
+ROOT = Path(__file__).resolve().parents[1]
+# Tests pin one CPU thread for speed (tiny models on 2 shared cores); USER_ENV is what a user's shell
+# has: no thread pin, so torch uses its default count (the machine's cores).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+USER_ENV = {k: v for k, v in ENV.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +32,16 @@ def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("data") / "5_sks dog", 4)
 
 
-def start_training(config: Path, *extra: str, driver: str | None = None) -> subprocess.Popen:
-    """`python -m lora_offset train` in a subprocess (optionally through a driver script that patches first).
+def start_training(config: Path, *extra: str, driver: bool = False, env: dict | None = None,
+                   base_env: dict = ENV) -> subprocess.Popen:
+    """`python -m lora_offset train` in a subprocess (or through tests/train_driver.py, which can pause it).
 
     Its output goes to `proc.log` (a file, so a full pipe can never stall the child)."""
-    argv = [sys.executable, "-m", "lora_offset", "train", "--config", str(config), *extra]
-    if driver is not None:
-        argv = [sys.executable, "-c", driver, "train", "--config", str(config), *extra]
-    log = config.parent / "train.log"
-    proc = subprocess.Popen(argv, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    module = "tests.train_driver" if driver else "lora_offset"
+    argv = [sys.executable, "-m", module, "train", "--config", str(config), *extra]
+    log = config.parent / f"train-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen(argv, env={**base_env, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT)
     proc.log = log
     return proc
 
@@ -44,7 +50,8 @@ def output_of(proc: subprocess.Popen) -> str:
     return proc.log.read_text(errors="replace")
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    """Poll until `predicate()` holds. The generous timeout only bounds a hung run: nothing here races a clock."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -53,11 +60,32 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
             raise AssertionError(f"training ended early ({proc.returncode}):\n{output_of(proc)}")
         time.sleep(0.05)
     proc.kill()
-    raise AssertionError("timed out waiting for the training subprocess")
+    raise AssertionError(f"timed out waiting for the training subprocess:\n{output_of(proc)}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600.0) -> str:
+    """Wait for the run to end; return its output."""
+    proc.wait(timeout=timeout)
+    return output_of(proc)
+
+
+def kill_when_paused(proc: subprocess.Popen, where: str) -> None:
+    wait_for(lambda: f"PAUSED {where}" in output_of(proc), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def states(out: Path) -> list[Path]:
     return sorted((out / "state").glob("state-*.pt"))
+
+
+def temporaries(out: Path) -> list[str]:
+    """The files that atomic writes in progress (or killed) have under `out`: `.NAME.XXXXXXXX.tmp` -> NAME."""
+    return sorted(p.name[1:].rsplit(".", 2)[0] for p in out.rglob(".*.tmp"))
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 def assert_same_adapter(a: Path, b: Path) -> None:
@@ -69,91 +97,166 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir, images):
-    """An uninterrupted 6-step run: the adapter every interrupted run must reproduce bit for bit."""
+    """An uninterrupted 6-step run (adapters at steps 2, 4 and 6): what every interrupted run of the same
+    config must reproduce bit for bit. In-process, so on the one thread the tests pin, as ENV does."""
     root = tmp_path_factory.mktemp("reference")
-    config = write_config(root, tiny_model_dir, images, training={"max_steps": 6, "output_dir": str(root / "out")})
+    config = write_config(root, tiny_model_dir, images,
+                          training={"max_steps": 6, "output_dir": str(root / "out"), "save_every_steps": 2})
     assert main(["train", "--config", str(config)]) == 0
     return root / "out" / "tiny.safetensors"
 
 
-def test_sigkill_during_training_then_resume_latest_matches_uninterrupted(tmp_path, tiny_model_dir, images, reference):
+@pytest.mark.slow
+def test_sigkill_at_five_points_and_resume_latest_each_time_ends_bit_identical(tmp_path, tiny_model_dir, images,
+                                                                               reference):
+    """SIGKILL inside a state save, while a resume reads its state, inside a training step, inside an
+    intermediate adapter save and inside the final adapter save (steps drawn at random: the seed is in
+    the message), `--resume latest` after each. The run ends with the reference's adapters, bit for
+    bit, and no temporary file outlives the start of a resume. Every other process starts with two CPU
+    threads, as from another shell: a resume keeps the thread count the run started with."""
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    k = rng.choice([2, 3])  # killed in the save of state k: the next run resumes from state k-1
+    n = rng.randint(k, 4)  # killed in step n: resumes from n-1, before the step-4 adapter is written
+    points = [f"save:state-{k:08d}.pt", "resume", f"step:{n}", "save:tiny-step000004.safetensors",
+              "save:tiny.safetensors"]
+    context = f"random seed {seed}, kill points {points}"
     out = tmp_path / "out"
-    config = write_config(tmp_path, tiny_model_dir, images,
-                          training={"max_steps": 6, "output_dir": str(out), "save_state_every_steps": 1})
-    proc = start_training(config)
-    wait_for(lambda: any(int(p.stem.split("-")[1]) >= 2 for p in states(out)), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "tiny.safetensors").exists()
-    for state in states(out):  # whatever was on disk at the kill is complete
-        torch.load(state, weights_only=True)
-    assert main(["train", "--config", str(config), "--resume", "latest"]) == 0
-    assert_same_adapter(out / "tiny.safetensors", reference)
-
-
-SLOW_SAVE_DRIVER = textwrap.dedent("""
-    import sys, time
-    import lora_offset.fileio as fileio
-    real = fileio.atomic_path.__wrapped__
-    import contextlib
-
-    @contextlib.contextmanager
-    def slow_atomic_path(path):
-        gen = real(path)
-        tmp = next(gen)
-        try:
-            yield tmp
-        except BaseException as e:
-            gen.throw(e)
-            raise
-        print("SAVING", path, flush=True)
-        time.sleep(2.0)  # the file is written, not yet renamed: a kill here must not tear anything
-        try:
-            next(gen)
-        except StopIteration:
-            pass
-
-    fileio.atomic_path = slow_atomic_path
-    import lora_offset.training.state as state
-    state.atomic_path = slow_atomic_path
-    from lora_offset.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def test_sigkill_during_a_save_leaves_no_torn_file(tmp_path, tiny_model_dir, images, reference):
-    out = tmp_path / "out"
-    config = write_config(tmp_path, tiny_model_dir, images,
-                          training={"max_steps": 6, "output_dir": str(out), "save_state_every_steps": 1})
-    proc = start_training(config, driver=SLOW_SAVE_DRIVER)
-    wait_for(lambda: "state-00000002.pt" in output_of(proc), proc)
-    time.sleep(0.3)  # inside the 2 s between writing the temporary file and renaming it
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    # The state being written is not there under its final name; the previous one is complete.
-    names = [p.name for p in states(out)]
-    assert names == ["state-00000001.pt"]
-    assert torch.load(out / "state" / "state-00000001.pt", weights_only=True)["step"] == 1
-    assert main(["train", "--config", str(config), "--resume", "latest"]) == 0
-    assert_same_adapter(out / "tiny.safetensors", reference)
+    config = write_config(tmp_path, tiny_model_dir, images, training={
+        "max_steps": 6, "output_dir": str(out), "save_state_every_steps": 1, "save_every_steps": 2})
+    for i, point in enumerate(points):
+        proc = start_training(config, *(["--resume", "latest"] if i else []), driver=True,
+                              env={"PAUSE_AT": point, **({"OMP_NUM_THREADS": "2"} if i % 2 else {})})
+        wait_for(lambda: f"PAUSED {point}" in output_of(proc), proc)
+        # The save in progress is the only one with a temporary file: the earlier kills' are gone.
+        in_progress = [point.partition(":")[2]] if point.startswith("save:") else []
+        assert temporaries(out) == in_progress, context
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for state in states(out):  # whatever is on disk under its final name is complete
+            torch.load(state, weights_only=True)
+    output = finish(start_training(config, "--resume", "latest", env={"OMP_NUM_THREADS": "2"}))
+    assert "saved " in output, context + output
+    assert "resuming with 1 CPU threads, as the run that saved the state (this process would use 2)" in output
+    assert temporaries(out) == [], context
+    for name in ("tiny-step000002.safetensors", "tiny-step000004.safetensors", "tiny.safetensors"):
+        assert_same_adapter(out / name, reference.parent / name)
 
 
 def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, tiny_model_dir, images, reference):
     out = tmp_path / "out"
+    go = tmp_path / "go"
     config = write_config(tmp_path, tiny_model_dir, images,
                           training={"max_steps": 6, "output_dir": str(out), "save_state_every_steps": 2})
-    proc = start_training(config)
-    wait_for(lambda: bool(states(out)), proc)
+    # Paused inside step 3 until the Ctrl-C has arrived: the interrupted step is 3 however loaded the machine is.
+    proc = start_training(config, driver=True, env={"PAUSE_AT": "step:3", "PAUSE_UNTIL": str(go)})
+    wait_for(lambda: "PAUSED step:3" in output_of(proc), proc)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=240)
-    output = output_of(proc)
+    wait_for(lambda: "Ctrl-C: finishing this step" in output_of(proc), proc)
+    go.touch()
+    output = finish(proc)
     assert proc.returncode == 130, output
     assert "lora-offset train --config <your config> --resume latest" in output
     assert (out / "tiny.safetensors").exists()  # the adapter as of the interrupted step
-    step = torch.load(states(out)[-1], weights_only=True)["step"]
-    assert 2 <= step < 6
+    assert [p.name for p in states(out)] == ["state-00000002.pt", "state-00000003.pt"]
+    assert torch.load(states(out)[-1], weights_only=True)["step"] == 3
     assert main(["train", "--config", str(config), "--resume", "latest"]) == 0
     assert_same_adapter(out / "tiny.safetensors", reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs where this machine lets us mount one (root with CAP_SYS_ADMIN), else None: the
+    failing save then writes to /dev/full instead. Either way the writer gets the kernel's ENOSPC."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    try:
+        yield disk if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_last_adapter_and_state_says_so_and_resume_continues(tmp_path, tiny_model_dir, images,
+                                                                                 reference, small_disk):
+    out = (small_disk or tmp_path) / "out"
+    filler = {"FILL_FILE": str(small_disk / "filler")} if small_disk else {}
+    config = write_config(tmp_path, tiny_model_dir, images, training={
+        "max_steps": 6, "output_dir": str(out), "save_state_every_steps": 2, "save_every_steps": 2})
+    out.mkdir()
+    earlier = reference.with_name("tiny-step000002.safetensors").read_bytes()
+    (out / "tiny.safetensors").write_bytes(earlier)  # an earlier run's adapter: a failed save must keep it
+
+    # The disk fills up as the state of step 4 is saved.
+    output = finish(start_training(config, driver=True, env={"DISK_FULL_AT": "save:state-00000004.pt", **filler}))
+    assert error_lines(output) == [
+        f"error: no space left in '{out / 'state'}' to write state-00000004.pt: it needs about "
+        f"{_size_in(output)} MiB, {_free_in(output)} MiB free; free some space; then continue from "
+        f"state-00000002.pt with: lora-offset train --config {config} --resume latest"], output
+    assert "Traceback" not in output
+    assert [p.name for p in states(out)] == ["state-00000002.pt"]
+    assert torch.load(states(out)[0], weights_only=True)["step"] == 2
+    for step in (2, 4):  # the adapters written before the failed save are there, complete
+        assert_same_adapter(out / f"tiny-step{step:06d}.safetensors",
+                            reference.with_name(f"tiny-step{step:06d}.safetensors"))
+    assert (out / "tiny.safetensors").read_bytes() == earlier
+    assert temporaries(out) == []
+    if small_disk:
+        (small_disk / "filler").unlink()
+
+    # Resumed, it fills up again as the final adapter is saved: the earlier adapter stays as it was.
+    output = finish(start_training(config, "--resume", "latest", driver=True,
+                                   env={"DISK_FULL_AT": "save:tiny.safetensors", **filler}))
+    assert error_lines(output) == [
+        f"error: no space left in '{out}' to write tiny.safetensors: it needs about {_size_in(output)} MiB, "
+        f"{_free_in(output)} MiB free; free some space; then continue from state-00000004.pt with: "
+        f"lora-offset train --config {config} --resume latest"], output
+    assert (out / "tiny.safetensors").read_bytes() == earlier
+    assert [p.name for p in states(out)] == ["state-00000002.pt", "state-00000004.pt"]
+    if small_disk:
+        (small_disk / "filler").unlink()
+
+    # With space again, --resume latest continues from the last good state to the uninterrupted result.
+    output = finish(start_training(config, "--resume", "latest"))
+    assert f"resumed from {out / 'state' / 'state-00000004.pt'} at step 4" in output, output
+    assert_same_adapter(out / "tiny.safetensors", reference)
+    assert temporaries(out) == []
+
+
+def _size_in(output: str) -> str:
+    return output.split("it needs about ", 1)[1].split(" MiB", 1)[0]
+
+
+def _free_in(output: str) -> str:
+    return output.split(" MiB, ", 1)[1].split(" MiB free", 1)[0]
+
+
+@pytest.mark.slow
+def test_default_settings_two_runs_and_a_killed_resumed_run_give_identical_adapters(tmp_path, tiny_model_dir, images):
+    """The README's promise in the environment a user has: no thread pin, so torch's default thread count
+    (2 on a 2-core machine), and the default training.deterministic. Run b is a second run of run a's
+    config, killed inside its save of state 2 and resumed from state 1."""
+    default_threads = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                         env=USER_ENV, capture_output=True, text=True, check=True).stdout)
+    # Light steps (two threads on a loaded 2-core machine pay for every parallel op), defaults otherwise.
+    configs = {name: write_config(tmp_path / name, tiny_model_dir, images, training={
+        "max_steps": 3, "output_dir": str(tmp_path / name / "out"), "save_state_every_steps": 1,
+        "save_every_steps": 1, "gradient_checkpointing": False}, dataset={"batch_size": 1}) for name in ("a", "b")}
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    output = finish(start_training(configs["a"], base_env=USER_ENV))
+    assert "saved " in output, output
+    kill_when_paused(start_training(configs["b"], driver=True, base_env=USER_ENV,
+                                    env={"PAUSE_AT": "save:state-00000002.pt"}), "save:state-00000002.pt")
+    assert [p.name for p in states(b)] == ["state-00000001.pt"]
+    assert torch.load(states(b)[0], weights_only=True)["num_threads"] == default_threads
+    output = finish(start_training(configs["b"], "--resume", "latest", base_env=USER_ENV))
+    assert f"resumed from {b / 'state' / 'state-00000001.pt'} at step 1" in output, output
+    assert_same_adapter(a / "tiny-step000001.safetensors", b / "tiny-step000001.safetensors")  # two runs
+    assert_same_adapter(a / "tiny-step000002.safetensors", b / "tiny-step000002.safetensors")  # kill + resume
+    assert_same_adapter(a / "tiny.safetensors", b / "tiny.safetensors")
 
 
 def test_a_nan_step_is_skipped_and_never_reaches_the_file(tmp_path, tiny_model_dir, images, monkeypatch, caplog):
@@ -191,15 +294,21 @@ def test_non_finite_steps_in_a_row_stop_with_advice(tmp_path, tiny_model_dir, im
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, images):
     """accelerate launch --multi_gpu --num_processes 2 on a CPU machine (torchrun + gloo): each process
     takes half of the global batch, so the run equals one process with twice the batch, up to float
-    reduction order. AdamW's first steps move every element by about ±lr whatever its gradient's size,
-    so an element whose gradient is ~0 can flip sign between the two runs: we allow that for a tiny
-    fraction of elements and require everything else to agree."""
-    # One step: it compares the global gradient; later steps would compound the allowed sign flips.
+    reduction order. AdamW's first step moves every element by about ±lr whatever its gradient's size,
+    so an element whose gradient is within float noise of 0 can move either way in either run.
+
+    The mid block's self-attention q and k see one token at 8x8 latents: their gradient is 0 in exact
+    arithmetic, and only float noise (which differs between the runs) moves them, so nothing is
+    asserted of them but the ±lr bound. Everywhere else, elements whose gradient is near 0 by chance
+    are rare (about 0.1% differ); fewer than 1% may. Wrong slicing (both processes on the same
+    half, say) would change the sign of a large share of all gradients."""
+    # One step: it compares the global gradient; later steps would compound the sign flips.
+    lr = 1e-3
     one = write_config(tmp_path / "one", tiny_model_dir, images, training={
-        "max_steps": 1, "output_dir": str(tmp_path / "one" / "out"), "optimizer": "adamw"},
+        "max_steps": 1, "output_dir": str(tmp_path / "one" / "out"), "optimizer": "adamw", "learning_rate": lr},
         dataset={"batch_size": 2})
     two = write_config(tmp_path / "two", tiny_model_dir, images, training={
-        "max_steps": 1, "output_dir": str(tmp_path / "two" / "out"), "optimizer": "adamw"},
+        "max_steps": 1, "output_dir": str(tmp_path / "two" / "out"), "optimizer": "adamw", "learning_rate": lr},
         dataset={"batch_size": 1})
     assert main(["train", "--config", str(one)]) == 0
     result = subprocess.run(
@@ -210,12 +319,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     a = load_file(tmp_path / "one" / "out" / "tiny.safetensors")
     b = load_file(tmp_path / "two" / "out" / "tiny.safetensors")
     assert a.keys() == b.keys()
-    total = sum(t.numel() for t in a.values())
-    differing = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
-    assert differing / total < 0.005, f"{differing} of {total} elements differ"
-    # Every module trained, except the mid block's self-attention q/k: at 8x8 latents it sees one token.
-    trained = [k for k in a if k.endswith("lora_up.weight") and a[k].abs().sum() > 0]
-    assert len(trained) == 190
+    one_token = {f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_{x}" for x in ("q", "k")}
+    signal_keys = [k for k in a if k.split(".")[0] not in one_token]
+    total = sum(a[k].numel() for k in signal_keys)
+    differing = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in signal_keys)
+    assert differing / total < 0.01, f"{differing} of {total} elements differ"  # measured: ~0.1%
+    for key in a:  # one AdamW step from the same start: no element can be more than 2 lr apart
+        assert (a[key] - b[key]).abs().max() <= 2 * lr * 1.01, key
+    # Every module with a real gradient trained (lora_up starts at 0, so a trained one is non-zero).
+    ups = {k.split(".")[0] for k in a if k.endswith("lora_up.weight")}
+    assert len(ups) == 192
+    for adapter in (a, b):
+        trained = {k.split(".")[0] for k in a if k.endswith("lora_up.weight") and adapter[k].abs().sum() > 0}
+        assert trained >= ups - one_token
     log = result.stdout + result.stderr
     assert log.count("saved ") == 2  # print + log line of the main process only
     # Only the main process wrote files: one adapter, one log folder.

@@ -389,7 +389,8 @@ def save_lora(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata
 
     model_hash, legacy_hash = sshs_hashes(tensors, metadata)
     full = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
-    with atomic_path(path) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(full)) + (1 << 12)
+    with atomic_path(path, size_hint=size) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=full)
     return Path(path)
 

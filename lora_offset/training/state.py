@@ -40,14 +40,37 @@ def save_state(output_dir: Path, step: int, started_at: float, unet, text_encode
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": list(random.getstate()[1]),
+        "num_threads": torch.get_num_threads(),  # CPU float results depend on it (see determinism.py)
     }
     folder = output_dir / STATE_DIR
     path = folder / f"{STATE_PREFIX}{step:08d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a Python file object, so that a full disk surfaces as OSError(ENOSPC), not as an opaque
+    # torch RuntimeError; the size hint names the space needed.
+    with atomic_path(path, size_hint=tensor_bytes(state) + (1 << 16)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     for old in sorted(folder.glob(f"{STATE_PREFIX}*.pt"))[:-KEEP_STATES]:
         old.unlink(missing_ok=True)
     return path
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors in a nested dict/list/tuple (what torch.save writes, give or take a header)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def saved_num_threads(path: Path) -> int | None:
+    """The intra-op thread count of the run that saved the state at `path` (None: unknown, or unreadable)."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("num_threads")
+    except Exception:  # load_state reports an unreadable state
+        return None
+    return int(value) if value else None
 
 
 def find_resume_state(resume: str, output_dir: Path) -> Path:

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import torch
 
+from lora_offset import fileio
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
-from lora_offset.training import base_precision, models, networks, noise, trackers
+from lora_offset.training import base_precision, determinism, models, networks, noise, trackers
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.group import build_datasets
 from lora_offset.training import optimizers
 from lora_offset.training.adapter import save_adapter
 from lora_offset.training.samples import generate_class_images, write_samples
 from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
-from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state
+from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state, saved_num_threads
 from lora_offset.training.step import StepParts, encode_images, optimizer_step
 from lora_offset.training.text import encode_prompts, num_layers
 from lora_offset.training.validation import validation_due, validation_loss, validation_seed
@@ -62,7 +63,10 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             config = dataclasses.replace(config, network=net)
     if is_main:
         check_output_dir(output_dir, needed_bytes=estimate_adapter_bytes(net))
+        remove_interrupted_writes(output_dir)
     resume_file = find_resume_state(resume, output_dir) if resume else None
+    # Before anything computes: a resume continues with the settings (CPU threads) its run started with.
+    restore_settings = determinism.configure(t.deterministic, device, saved_num_threads(resume_file) if resume_file else None)
     # Every process builds the global batch (batch_size x processes) and takes its slice (step.py).
     # Each dataset ([[datasets]]) keeps its own resolution, batch size and buckets (data/group.py).
     world = accelerator.num_processes
@@ -205,15 +209,17 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             accelerator.log({"loss/validation": val_loss}, step=step)
             log.info("step %d: validation loss %.6f", step, val_loss)
 
-        # ---- resumable state, samples, intermediate adapters (main process writes; everyone waits)
+        # ---- samples, intermediate adapters, then the resumable state (main process writes; everyone waits).
+        # The state comes last: a state of step N promises that every file of step N is on disk, so a
+        # kill anywhere in between resumes from step N-1 and writes them again.
+        saves = [""] if stop.requested else saves_due(t, calendar, step)
+        if saves or sample_due(t, calendar, step):
+            outputs(step, saves)
         if stop.requested or (t.save_state_every_steps and step % t.save_state_every_steps == 0 and step < max_steps):
             accelerator.wait_for_everyone()
             if is_main:
                 save_state(output_dir, step, started_at, unet, text_encoder, optimizer, lr_scheduler, generator,
                            accelerator, t.optimizer)
-        saves = [""] if stop.requested else saves_due(t, calendar, step)
-        if saves or sample_due(t, calendar, step):
-            outputs(step, saves)
         if stop.requested:
             progress.close()
             accelerator.end_training()
@@ -232,6 +238,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         log.info("saved %s", adapter_path)
     accelerator.end_training()
     stop.restore()
+    restore_settings()
     return adapter_path
 
 
@@ -280,6 +287,14 @@ def check_output_dir(output_dir: Path, needed_bytes: int) -> None:
     if free < needed_bytes:
         raise UserError(f"training.output_dir = '{output_dir}' has {free / 2**20:.0f} MiB free; "
                         f"a save needs about {needed_bytes / 2**20:.0f} MiB")
+
+
+def remove_interrupted_writes(output_dir: Path) -> None:
+    """A run killed inside a save (kill -9, power cut) leaves the save's temporary file: clear those."""
+    for folder in (output_dir, output_dir / STATE_DIR, output_dir / "samples", output_dir / "latent_cache"):
+        removed = fileio.remove_interrupted_writes(folder)
+        if removed:
+            log.info("removed %d temporary file(s) of interrupted saves in %s", len(removed), folder)
 
 
 def estimate_adapter_bytes(net) -> int:
@@ -386,6 +401,11 @@ def run(args) -> int:
     except TrainingInterrupted as e:
         log.warning("%s", e)
         return 130
+    except fileio.DiskFullError as e:  # what was saved before is intact: say how to go on from it
+        states = sorted((Path(config.training.output_dir) / STATE_DIR).glob("state-*.pt"))
+        then = (f"; then continue from {states[-1].name} with: lora-offset train --config {args.config} --resume latest"
+                if states else "; then run again")
+        raise UserError(f"{e}{then}") from None
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch, only the main process reports
         print(f"saved {path}")
     return 0
