@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lora_offset.errors import UserError
+
+log = logging.getLogger("lora_offset")
 
 # The temporary file of a write to NAME is `.NAME.XXXXXXXX.tmp` (mkstemp's 8 random characters).
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -83,16 +86,19 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def remove_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
+def remove_interrupted_writes(*folders: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that writes killed before their rename (kill -9, power cut) left in
-    `folder` (not its subfolders). Returns what was removed. Only for folders one process writes."""
+    `folders` (not their subfolders). Returns what was removed. Only for folders one process writes."""
     removed = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(folder):
-            if _TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(folder):
+                if _TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed), ", ".join(map(str, removed)))
     return sorted(removed)
 
 

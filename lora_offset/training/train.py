@@ -63,7 +63,9 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             config = dataclasses.replace(config, network=net)
     if is_main:
         check_output_dir(output_dir, needed_bytes=estimate_adapter_bytes(net))
-        remove_interrupted_writes(output_dir)
+        # A run killed inside a save (kill -9, power cut) left the save's temporary file: clear those.
+        fileio.remove_interrupted_writes(output_dir, output_dir / STATE_DIR, output_dir / "samples",
+                                         output_dir / "latent_cache")
     resume_file = find_resume_state(resume, output_dir) if resume else None
     # Before anything computes: a resume continues with the settings (CPU threads) its run started with.
     restore_settings = determinism.configure(t.deterministic, device, saved_num_threads(resume_file) if resume_file else None)
@@ -287,14 +289,6 @@ def check_output_dir(output_dir: Path, needed_bytes: int) -> None:
     if free < needed_bytes:
         raise UserError(f"training.output_dir = '{output_dir}' has {free / 2**20:.0f} MiB free; "
                         f"a save needs about {needed_bytes / 2**20:.0f} MiB")
-
-
-def remove_interrupted_writes(output_dir: Path) -> None:
-    """A run killed inside a save (kill -9, power cut) leaves the save's temporary file: clear those."""
-    for folder in (output_dir, output_dir / STATE_DIR, output_dir / "samples", output_dir / "latent_cache"):
-        removed = fileio.remove_interrupted_writes(folder)
-        if removed:
-            log.info("removed %d temporary file(s) of interrupted saves in %s", len(removed), folder)
 
 
 def estimate_adapter_bytes(net) -> int:
