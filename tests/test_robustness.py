@@ -164,6 +164,22 @@ def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, t
     assert_same_adapter(out / "tiny.safetensors", reference)
 
 
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path, tiny_model_dir, images):
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_model_dir, images,
+                          training={"max_steps": 6, "output_dir": str(out), "save_state_every_steps": 2})
+    proc = start_training(config, driver=True, env={"PAUSE_AT": "step:3"})  # paused until killed or aborted
+    wait_for(lambda: "PAUSED step:3" in output_of(proc), proc)
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "Ctrl-C: finishing this step" in output_of(proc), proc)
+    proc.send_signal(signal.SIGINT)
+    output = finish(proc)
+    assert proc.returncode == 130, output
+    assert output.splitlines()[-1] == "interrupted" and "Traceback" not in output
+    assert [p.name for p in states(out)] == ["state-00000002.pt"]  # nothing saved after the first Ctrl-C
+    assert not (out / "tiny.safetensors").exists()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs where this machine lets us mount one (root with CAP_SYS_ADMIN), else None: the
