@@ -1,6 +1,7 @@
 """Nothing lost, nothing crashes: kill -9 anywhere and resume, Ctrl-C, a full disk, NaN guards,
-bit-identical runs in a user's default settings, and two-process training. Training runs in real
-subprocesses that receive real signals; tests/train_driver.py lands a kill exactly where a test wants it."""
+bit-identical runs in a user's default settings, and two-process training. Killed runs are real
+subprocesses (tests/train_driver.py pauses one exactly where a kill should land); Ctrl-C is a real
+SIGINT to an in-process run; a full disk is a real small tmpfs where the machine allows a mount."""
 
 from __future__ import annotations
 
@@ -143,39 +144,47 @@ def test_sigkill_at_five_points_and_resume_latest_each_time_ends_bit_identical(t
         assert_same_adapter(out / name, reference.parent / name)
 
 
-def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, tiny_model_dir, images, reference):
+def ctrl_c_in_step(monkeypatch, step: int, presses: int) -> None:
+    """Press Ctrl-C `presses` times (a real SIGINT to this process) right after optimizer step `step` (1-based)."""
+    from lora_offset.training import train as train_module
+
+    real = train_module.optimizer_step
+
+    def step_then_ctrl_c(parts, index):
+        loss = real(parts, index)
+        if index + 1 == step:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train_module, "optimizer_step", step_then_ctrl_c)
+
+
+def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, tiny_model_dir, images, reference,
+                                                                     monkeypatch, caplog):
     out = tmp_path / "out"
-    go = tmp_path / "go"
     config = write_config(tmp_path, tiny_model_dir, images,
                           training={"max_steps": 6, "output_dir": str(out), "save_state_every_steps": 2})
-    # Paused inside step 3 until the Ctrl-C has arrived: the interrupted step is 3 however loaded the machine is.
-    proc = start_training(config, driver=True, env={"PAUSE_AT": "step:3", "PAUSE_UNTIL": str(go)})
-    wait_for(lambda: "PAUSED step:3" in output_of(proc), proc)
-    proc.send_signal(signal.SIGINT)
-    wait_for(lambda: "Ctrl-C: finishing this step" in output_of(proc), proc)
-    go.touch()
-    output = finish(proc)
-    assert proc.returncode == 130, output
-    assert "lora-offset train --config <your config> --resume latest" in output
+    with monkeypatch.context() as m:
+        ctrl_c_in_step(m, 3, presses=1)
+        assert main(["train", "--config", str(config)]) == 130
+    assert "Ctrl-C: finishing this step, then saving (press again to abort without saving)" in caplog.text
+    assert "lora-offset train --config <your config> --resume latest" in caplog.text
     assert (out / "tiny.safetensors").exists()  # the adapter as of the interrupted step
     assert [p.name for p in states(out)] == ["state-00000002.pt", "state-00000003.pt"]
     assert torch.load(states(out)[-1], weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave Ctrl-C back
     assert main(["train", "--config", str(config), "--resume", "latest"]) == 0
     assert_same_adapter(out / "tiny.safetensors", reference)
 
 
-def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path, tiny_model_dir, images):
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path, tiny_model_dir, images, monkeypatch, capsys):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model_dir, images,
                           training={"max_steps": 6, "output_dir": str(out), "save_state_every_steps": 2})
-    proc = start_training(config, driver=True, env={"PAUSE_AT": "step:3"})  # paused until killed or aborted
-    wait_for(lambda: "PAUSED step:3" in output_of(proc), proc)
-    proc.send_signal(signal.SIGINT)
-    wait_for(lambda: "Ctrl-C: finishing this step" in output_of(proc), proc)
-    proc.send_signal(signal.SIGINT)
-    output = finish(proc)
-    assert proc.returncode == 130, output
-    assert output.splitlines()[-1] == "interrupted" and "Traceback" not in output
+    ctrl_c_in_step(monkeypatch, 3, presses=2)
+    assert main(["train", "--config", str(config)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
     assert [p.name for p in states(out)] == ["state-00000002.pt"]  # nothing saved after the first Ctrl-C
     assert not (out / "tiny.safetensors").exists()
 
@@ -183,7 +192,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path, tiny_model_dir,
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs where this machine lets us mount one (root with CAP_SYS_ADMIN), else None: the
-    failing save then writes to /dev/full instead. Either way the writer gets the kernel's ENOSPC."""
+    failing save then meets an injected ENOSPC instead (tests/train_driver.py)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
@@ -195,24 +204,36 @@ def small_disk(tmp_path):
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-@pytest.mark.slow
 def test_a_full_disk_keeps_the_last_adapter_and_state_says_so_and_resume_continues(tmp_path, tiny_model_dir, images,
-                                                                                 reference, small_disk):
+                                                                                 reference, small_disk, monkeypatch,
+                                                                                 capsys):
+    from tests.train_driver import install_disk_full
+
     out = (small_disk or tmp_path) / "out"
-    filler = {"FILL_FILE": str(small_disk / "filler")} if small_disk else {}
+    filler = small_disk / "filler" if small_disk else None
     config = write_config(tmp_path, tiny_model_dir, images, training={
         "max_steps": 6, "output_dir": str(out), "save_state_every_steps": 2, "save_every_steps": 2})
     out.mkdir()
     earlier = reference.with_name("tiny-step000002.safetensors").read_bytes()
     (out / "tiny.safetensors").write_bytes(earlier)  # an earlier run's adapter: a failed save must keep it
 
+    def train_until_the_disk_fills_at(name: str, *extra: str) -> str:
+        with monkeypatch.context() as m:
+            install_disk_full(f"save:{name}", str(filler) if filler else None, patch=m.setattr)
+            assert main(["train", "--config", str(config), *extra]) == 2
+        if filler:
+            filler.unlink()  # space again
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return error_lines(err)
+
     # The disk fills up as the state of step 4 is saved.
-    output = finish(start_training(config, driver=True, env={"DISK_FULL_AT": "save:state-00000004.pt", **filler}))
-    assert error_lines(output) == [
+    lines = train_until_the_disk_fills_at("state-00000004.pt")
+    assert lines == [
         f"error: no space left in '{out / 'state'}' to write state-00000004.pt: it needs about "
-        f"{_size_in(output)} MiB, {_free_in(output)} MiB free; free some space; then continue from "
-        f"state-00000002.pt with: lora-offset train --config {config} --resume latest"], output
-    assert "Traceback" not in output
+        f"{_size_in(lines[0])} MiB, {_free_in(lines[0])} MiB free; free some space; then continue from "
+        f"state-00000002.pt with: lora-offset train --config {config} --resume latest"]
+    assert float(_size_in(lines[0])) > 0
     assert [p.name for p in states(out)] == ["state-00000002.pt"]
     assert torch.load(states(out)[0], weights_only=True)["step"] == 2
     for step in (2, 4):  # the adapters written before the failed save are there, complete
@@ -220,34 +241,28 @@ def test_a_full_disk_keeps_the_last_adapter_and_state_says_so_and_resume_continu
                             reference.with_name(f"tiny-step{step:06d}.safetensors"))
     assert (out / "tiny.safetensors").read_bytes() == earlier
     assert temporaries(out) == []
-    if small_disk:
-        (small_disk / "filler").unlink()
 
     # Resumed, it fills up again as the final adapter is saved: the earlier adapter stays as it was.
-    output = finish(start_training(config, "--resume", "latest", driver=True,
-                                   env={"DISK_FULL_AT": "save:tiny.safetensors", **filler}))
-    assert error_lines(output) == [
-        f"error: no space left in '{out}' to write tiny.safetensors: it needs about {_size_in(output)} MiB, "
-        f"{_free_in(output)} MiB free; free some space; then continue from state-00000004.pt with: "
-        f"lora-offset train --config {config} --resume latest"], output
+    lines = train_until_the_disk_fills_at("tiny.safetensors", "--resume", "latest")
+    assert lines == [
+        f"error: no space left in '{out}' to write tiny.safetensors: it needs about {_size_in(lines[0])} MiB, "
+        f"{_free_in(lines[0])} MiB free; free some space; then continue from state-00000004.pt with: "
+        f"lora-offset train --config {config} --resume latest"]
     assert (out / "tiny.safetensors").read_bytes() == earlier
     assert [p.name for p in states(out)] == ["state-00000002.pt", "state-00000004.pt"]
-    if small_disk:
-        (small_disk / "filler").unlink()
 
     # With space again, --resume latest continues from the last good state to the uninterrupted result.
-    output = finish(start_training(config, "--resume", "latest"))
-    assert f"resumed from {out / 'state' / 'state-00000004.pt'} at step 4" in output, output
+    assert main(["train", "--config", str(config), "--resume", "latest"]) == 0
     assert_same_adapter(out / "tiny.safetensors", reference)
     assert temporaries(out) == []
 
 
-def _size_in(output: str) -> str:
-    return output.split("it needs about ", 1)[1].split(" MiB", 1)[0]
+def _size_in(line: str) -> str:
+    return line.split("it needs about ", 1)[1].split(" MiB", 1)[0]
 
 
-def _free_in(output: str) -> str:
-    return output.split(" MiB, ", 1)[1].split(" MiB free", 1)[0]
+def _free_in(line: str) -> str:
+    return line.split(" MiB, ", 1)[1].split(" MiB free", 1)[0]
 
 
 @pytest.mark.slow

@@ -4,15 +4,14 @@
 
 Nothing here is in the package: the driver patches a few standard functions, then runs the real CLI.
 
-PAUSE_AT (optional) says where to stop, print `PAUSED <where>` and wait, to be killed or signalled:
+PAUSE_AT (optional) says where to stop, print `PAUSED <where>` and wait to be killed:
   save:NAME   inside the save of file NAME (a state or an adapter): its temporary file is written and
               fsynced, the rename onto NAME has not happened
   step:N      in optimizer step N (1-based, counted over the whole run), after the backward pass, before
               the weights change
   resume      while the state to resume from is being read
-PAUSE_UNTIL (optional): a path; the pause ends when it exists (default: never, wait to be killed).
 
-DISK_FULL_AT=save:NAME (optional) makes the save of file NAME meet a full disk: with FILL_FILE set (a
+DISK_FULL_AT=save:NAME (optional; tests in-process call install_disk_full) makes the save of file NAME meet a full disk: with FILL_FILE set (a
 path on a small file system), that file grows until the file system is full as the save starts; without
 it, the save's temporary file points at /dev/full (the kernel's ENOSPC for every writer that writes
 through it; safetensors', which replaces the link, raises the error it raises on a full disk).
@@ -30,9 +29,8 @@ from pathlib import Path
 
 def pause(where: str) -> None:
     print(f"PAUSED {where}", flush=True)
-    until = os.environ.get("PAUSE_UNTIL")
-    while not (until and os.path.exists(until)):
-        time.sleep(0.02)
+    while True:
+        time.sleep(1)
 
 
 def install_pauses(spec: str) -> None:
@@ -87,9 +85,9 @@ def first_step() -> int:
     return int(states[-1].stem.split("-")[1]) if states else 0
 
 
-def install_disk_full(spec: str) -> None:
+def install_disk_full(spec: str, fill: str | None = None, patch=setattr) -> None:
+    """DISK_FULL_AT (see above); in-process tests pass monkeypatch.setattr as `patch` to undo it afterwards."""
     name = spec.partition(":")[2]
-    fill = os.environ.get("FILL_FILE")
     real_mkstemp = tempfile.mkstemp
 
     def mkstemp(suffix=None, prefix=None, dir=None, text=False):
@@ -104,7 +102,7 @@ def install_disk_full(spec: str) -> None:
                 fd = os.open(path, os.O_WRONLY)
         return fd, path
 
-    tempfile.mkstemp = mkstemp
+    patch(tempfile, "mkstemp", mkstemp)
     if not fill:
         # safetensors' writer replaces a symlink instead of writing through it: give it the error it
         # raises on a full disk (its message, as seen on a full tmpfs).
@@ -119,7 +117,7 @@ def install_disk_full(spec: str) -> None:
                                                   "(os error 28)")
             return real_save_file(tensors, filename, *args, **kwargs)
 
-        safetensors.torch.save_file = save_file
+        patch(safetensors.torch, "save_file", save_file)
 
 
 def fill_file_system(path: Path) -> None:
@@ -138,7 +136,7 @@ if __name__ == "__main__":
     if os.environ.get("PAUSE_AT"):
         install_pauses(os.environ["PAUSE_AT"])
     if os.environ.get("DISK_FULL_AT"):
-        install_disk_full(os.environ["DISK_FULL_AT"])
+        install_disk_full(os.environ["DISK_FULL_AT"], os.environ.get("FILL_FILE"))
     from lora_offset.cli import main
 
     sys.exit(main(sys.argv[1:]))

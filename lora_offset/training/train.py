@@ -225,6 +225,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         if stop.requested:
             progress.close()
             accelerator.end_training()
+            stop.restore()
+            restore_settings()
             raise TrainingInterrupted(
                 f"interrupted at step {step}: state saved in {output_dir / STATE_DIR}; continue with\n"
                 f"  lora-offset train --config <your config> --resume latest"
@@ -390,6 +392,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides, dataset_config=args.dataset_config)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         path = train(config, resume=args.resume)
     except TrainingInterrupted as e:
@@ -400,6 +403,8 @@ def run(args) -> int:
         then = (f"; then continue from {states[-1].name} with: lora-offset train --config {args.config} --resume latest"
                 if states else "; then run again")
         raise UserError(f"{e}{then}") from None
+    finally:  # however train() ended, Ctrl-C means what it meant before
+        signal.signal(signal.SIGINT, ctrl_c)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch, only the main process reports
         print(f"saved {path}")
     return 0
