@@ -373,6 +373,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{source}: {key} must be a table, e.g. {key} = {{ betas = [0.9, 0.99] }}, "
                             f"got {_type_name(value)}")
+        _check_finite(value, key, source)
         return dict(value)
     if origin is list:
         (item_type,) = args
@@ -400,6 +401,18 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise UserError(f"{source}: {key} must be a string, got {_type_name(value)} {value!r}")
         return value
     raise TypeError(f"config field {key} has unsupported type {hint}")  # a bug in this module, not user input
+
+
+def _check_finite(value: Any, key: str, source: str) -> None:
+    """No nan or inf anywhere in a free table's numbers either (nested tables and arrays included)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}", source)
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]", source)
 
 
 def _type_name(value: Any) -> str:

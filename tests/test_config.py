@@ -193,6 +193,13 @@ def test_every_float_key_rejects_nan_and_infinity_naming_the_key(tmp_path, secti
     assert error_of(load_config, path) == f"{path}: {name} must be a finite number, got {shown}"
 
 
+def test_free_tables_reject_nan_and_infinity_too(tmp_path):
+    path = write(tmp_path, MINIMAL + "\n[training]\noptimizer_args = { betas = [0.9, nan], eps = 1e-8 }\n")
+    assert error_of(load_config, path) == f"{path}: training.optimizer_args.betas[1] must be a finite number, got nan"
+    path = write(tmp_path, MINIMAL + "\n[training]\noptimizer_args = { d_coef = -inf }\n")
+    assert error_of(load_config, path) == f"{path}: training.optimizer_args.d_coef must be a finite number, got -inf"
+
+
 def test_set_inf_learning_rate_is_refused(tmp_path):
     path = write(tmp_path, MINIMAL)
     assert error_of(load_config, path, ["training.learning_rate=inf"]) == (
