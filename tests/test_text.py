@@ -20,12 +20,12 @@ def clip():
 def caption_of(tokenizer, n_tokens: int) -> str:
     """A tag list of exactly n_tokens tokens (BOS/EOS not counted)."""
     words = []
-    while len(tokenizer(", ".join(words), add_special_tokens=False).input_ids) < n_tokens:
+    while len(tokenizer(", ".join(words), add_special_tokens=False, verbose=False).input_ids) < n_tokens:
         words.append(f"tag{len(words)}")
     caption = ", ".join(words)
-    ids = tokenizer(caption, add_special_tokens=False).input_ids[:n_tokens]
+    ids = tokenizer(caption, add_special_tokens=False, verbose=False).input_ids[:n_tokens]
     caption = tokenizer.decode(ids)
-    assert len(tokenizer(caption, add_special_tokens=False).input_ids) == n_tokens
+    assert len(tokenizer(caption, add_special_tokens=False, verbose=False).input_ids) == n_tokens
     return caption
 
 
