@@ -168,6 +168,9 @@ def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, t
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_model_dir, images,
                           training={"max_steps": 6, "output_dir": str(out), "save_state_every_steps": 2})
+    # What SIGINT did before the run: Python's default, or "ignore" when pytest itself was started in
+    # the background by a non-interactive shell (which then ignores SIGINT)
+    before = signal.getsignal(signal.SIGINT)
     with monkeypatch.context() as m:
         ctrl_c_in_step(m, 3, presses=1)
         assert main(["train", "--config", str(config)]) == 130
@@ -176,7 +179,7 @@ def test_ctrl_c_saves_state_and_adapter_exits_130_and_resume_matches(tmp_path, t
     assert (out / "tiny.safetensors").exists()  # the adapter as of the interrupted step
     assert [p.name for p in states(out)] == ["state-00000002.pt", "state-00000003.pt"]
     assert torch.load(states(out)[-1], weights_only=True)["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave Ctrl-C back
+    assert signal.getsignal(signal.SIGINT) is before  # the run gave Ctrl-C back
     assert main(["train", "--config", str(config), "--resume", "latest"]) == 0
     assert_same_adapter(out / "tiny.safetensors", reference)
 
