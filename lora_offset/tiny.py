@@ -67,21 +67,71 @@ TINY_TEXT_ENCODER_CONFIG = {
 }
 
 
-def write_tiny_tokenizer(folder: str | Path, vocab_size: int | None = None) -> Path:
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = {(a, b) for a, b in zip(pieces, pieces[1:]) if (a, b) in ranks}
+        if not pairs:
+            break
+        best = min(pairs, key=ranks.__getitem__)
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def word_merges(words) -> list[tuple[str, str]]:
+    """BPE merges under which each given lowercase ASCII word is one token ("dark" -> "dark</w>").
+
+    Each word's pieces are joined left to right; where another word's merges split it differently
+    first, merges of the pieces it does reach are added until it comes out whole."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+
+    def add(pair):
+        if pair not in ranks:
+            ranks[pair] = len(merges)
+            merges.append(pair)
+
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            add((left, right))
+            left = left + right
+    for word in words:
+        while len(pieces := _bpe(word, ranks)) > 1:
+            add((pieces[0], pieces[1]))
+    return merges
+
+
+def write_tiny_tokenizer(folder: str | Path, vocab_size: int | None = None, words=()) -> Path:
     """Write a character-level CLIP tokenizer (vocab.json, merges.txt) into `folder`.
 
     `vocab_size` (e.g. CLIP ViT-L/14's 49408) pads the vocabulary with unused tokens so that the
     special tokens get that model's ids (start = vocab_size - 2, end = vocab_size - 1).
+    `words`: whole words that become single tokens (BPE merges build them); any other text is
+    still split into characters, as a rare word is in CLIP's real vocabulary.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
+    merges = word_merges(words)
+    tokens += list(dict.fromkeys(a + b for a, b in merges if a + b not in set(tokens)))
     if vocab_size is not None:
         tokens += [f"<|unused-{i}|>" for i in range(vocab_size - 2 - len(tokens))]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     config = {
         "model_max_length": 77,
         "bos_token": "<|startoftext|>",
@@ -94,8 +144,11 @@ def write_tiny_tokenizer(folder: str | Path, vocab_size: int | None = None) -> P
     return folder
 
 
-def tiny_vocab_size() -> int:
-    return 2 * 256 + 2
+def tiny_vocab_size(words=()) -> int:
+    """Vocabulary size of `write_tiny_tokenizer(folder, words=words)`."""
+    chars = set(bytes_to_unicode().values())
+    built = {a + b for a, b in word_merges(words)} - chars - {c + "</w>" for c in chars}
+    return 2 * 256 + len(built) + 2
 
 
 def build_tiny_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:

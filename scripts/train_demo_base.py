@@ -1,11 +1,13 @@
 """Train the demo's base model (lora_offset/experiments/demo_base.py) and write lora_offset/assets/demo_base.safetensors.
 
-    python scripts/train_demo_base.py [--vae-steps 400] [--vae-full-steps 500] [--unet-steps 1200] [--out PATH] [--work DIR]
+    python scripts/train_demo_base.py [--vae-crop-steps 1000] [--vae-full-steps 300] [--unet-steps 2000] [--out PATH] [--work DIR]
 
-One torch thread (small models on a shared CPU run fastest that way). Stages: synthetic images
-(make_dataset.varied_array, dark to bright) -> VAE -> latents, scaling factor = 1/std -> UNet
-(epsilon, SD schedule, EMA) -> fp16 safetensors with the settings and timings in its metadata.
-`--work DIR` keeps the trained VAE there so that a second run can skip that stage.
+One torch thread (small models on a shared CPU run fastest that way). Stages: VAE on fresh
+demo_world pictures (64x64 crops, then whole 128x128 pictures) -> latents of --latent-images
+pictures, scaling factor = LATENT_AMPLITUDE / std -> UNet under the frozen random text encoder
+(epsilon, SD's schedule, captions drawn fresh each step, EMA) -> fp16 safetensors with the settings, losses,
+timings and VAE checks in its metadata. Every random draw is seeded by --seed: the same command on
+the same software gives the same file. `--work DIR` keeps the trained VAE so a second run can skip it.
 """
 
 from __future__ import annotations
@@ -19,92 +21,113 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
 from lora_offset.experiments import demo_base as db  # noqa: E402
+from lora_offset.experiments import demo_world  # noqa: E402
+
+
+@torch.no_grad()
+def vae_checks(vae, n: int = 256, seed: int = 99) -> dict:
+    """How well colour and brightness survive encode -> decode, on fresh pictures."""
+    images, _ = demo_world.draw_dataset(n, seed=seed)
+    x = db.to_model_range(images)
+    rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).latent_dist.mean).sample for i in range(0, n, 64)])
+    rec01 = (rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    pooled = lambda a: a.reshape(n, 16, 8, 16, 8, 3).mean(axis=(2, 4))  # noqa: E731  (8x8 cells)
+    return {
+        "pixel_rmse": float(np.sqrt(((rec01 - images) ** 2).mean())),
+        "cell_colour_rmse": float(np.sqrt(((pooled(rec01) - pooled(images)) ** 2).mean())),
+        "brightness_abs_error": float(np.abs(demo_world.mean_luminance(rec01) - demo_world.mean_luminance(images)).mean()),
+        "n": n,
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae-steps", type=int, default=400, help="VAE steps on 64x64 crops (batch 16)")
-    p.add_argument("--vae-full-steps", type=int, default=500, help="then VAE steps on whole 128x128 images (batch 8)")
-    p.add_argument("--vae-init", default=None, help="start from these VAE weights (torch state dict) and skip the crop stage")
-    p.add_argument("--vae-images", type=int, default=2000)
-    p.add_argument("--unet-steps", type=int, default=1200)
-    p.add_argument("--unet-images", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--vae-crop-steps", type=int, default=1000, help="VAE steps on 64x64 crops (batch 16)")
+    p.add_argument("--vae-full-steps", type=int, default=300, help="then VAE steps on whole 128x128 pictures (batch 8)")
+    p.add_argument("--latent-images", type=int, default=6000, help="pictures encoded once for the UNet stage")
+    p.add_argument("--unet-steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--text-lr", type=float, default=0.0, help="0 keeps the text encoder frozen (see demo_base)")
+    p.add_argument("--high-noise-share", type=float, default=0.3,
+                   help="share of timesteps drawn from [--high-noise-from, 1000), where the text matters most")
+    p.add_argument("--high-noise-from", type=int, default=db.HIGH_NOISE_FROM)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(db.ASSETS_DIR / db.WEIGHTS_NAME))
-    p.add_argument("--work", default=None, help="folder for intermediate files (trained VAE)")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="also write --out every N UNet steps (EMA weights)")
+    p.add_argument("--work", default=None, help="folder for intermediate files (the trained VAE)")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="also write --out every N UNet steps (EMA weights)")
     args = p.parse_args(argv)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
-    record = {"settings": vars(args), "timings_s": {}, "torch": torch.__version__}
+    record = {"settings": vars(args), "timings_s": {}, "torch": torch.__version__,
+              "latent_amplitude": db.LATENT_AMPLITUDE, "token_embedding_std": db.TOKEN_EMBEDDING_STD}
     t_all = time.perf_counter()
     c = db.build_components(seed=args.seed)
     work = Path(args.work) if args.work else None
 
     vae_file = work / "vae.pt" if work else None
     if vae_file is not None and vae_file.is_file():
-        state = torch.load(vae_file, weights_only=True)
-        c["vae"].load_state_dict(state)
+        c["vae"].load_state_dict(torch.load(vae_file, weights_only=True))
         c["vae"].eval()
+        record["vae_loaded_from"] = str(vae_file)  # its own training is not in this record
         log(f"loaded VAE from {vae_file}")
     else:
         t0 = time.perf_counter()
-        images = db.base_images(args.vae_images, seed=args.seed + 1)
-        if args.vae_init:
-            c["vae"].load_state_dict(torch.load(args.vae_init, weights_only=True))
-            log(f"VAE starts from {args.vae_init}; crop stage skipped")
-        else:
-            db.train_vae(c["vae"], images, steps=args.vae_steps, crop=64, seed=args.seed, log=log)
-        # Whole images: the crop stage alone leaves washed-out colours and dark frames at the borders.
-        losses = db.train_vae(c["vae"], images, steps=args.vae_full_steps, batch_size=8, crop=db.IMAGE_SIZE,
-                              seed=args.seed + 1, log=log)
+        db.train_vae(c["vae"], steps=args.vae_crop_steps, batch_size=16, crop=64, seed=args.seed, log=log)
+        # Whole pictures: crops alone leave dark frames at the borders (zero padding never trained).
+        losses = db.train_vae(c["vae"], steps=args.vae_full_steps, batch_size=8, lr=3e-4, seed=args.seed + 1, log=log)
         record["timings_s"]["vae"] = round(time.perf_counter() - t0, 1)
-        record["vae_final_loss"] = round(float(sum(losses[-50:]) / len(losses[-50:])), 5)
+        record["vae_final_loss"] = round(float(np.mean(losses[-50:])), 5)
         if vae_file is not None:
             work.mkdir(parents=True, exist_ok=True)
             torch.save(c["vae"].state_dict(), vae_file)
+    record["vae_checks"] = vae_checks(c["vae"])
+    log(f"vae checks {record['vae_checks']}")
 
     t0 = time.perf_counter()
-    images = db.base_images(args.unet_images, seed=args.seed + 2)
-    latents = db.encode_latents(c["vae"], images)
-    with torch.no_grad():
-        rec = c["vae"].decode(latents[:64]).sample
-    record["vae_reconstruction_mse"] = round(float((rec - images[:64]).pow(2).mean()), 5)
-    scaling = float(1.0 / latents.std())
+    latents, attrs = db.encode_world(c["vae"], args.latent_images, seed=args.seed + 2)
+    channel_mean = latents.mean(dim=(0, 2, 3))
+    db.center_latents(c["vae"], channel_mean)
+    latents = latents - channel_mean.view(1, -1, 1, 1)
+    record["latent_centering"] = [round(float(v), 4) for v in channel_mean]
+    scaling = float(db.LATENT_AMPLITUDE / latents.std())
     c["vae"].register_to_config(scaling_factor=scaling)
     latents = latents * scaling
     record["scaling_factor"] = scaling
-    record["data_brightness"] = {"mean": float(db.mean_brightness(images).mean()),
-                                 "std": float(db.mean_brightness(images).std())}
+    by_word = {}
+    for word in demo_world.BRIGHTNESS:
+        rows = [i for i, a in enumerate(attrs) if a.brightness == word]
+        by_word[word] = [round(float(v), 3) for v in latents[rows].mean(dim=(0, 2, 3))]
+    record["latent_channel_mean_by_brightness"] = by_word
     record["timings_s"]["latents"] = round(time.perf_counter() - t0, 1)
-    log(f"latents {tuple(latents.shape)} scaling_factor {scaling:.4f} vae mse {record['vae_reconstruction_mse']}")
+    log(f"latents {tuple(latents.shape)} scaling_factor {scaling:.4f} channel means by brightness {by_word}")
 
-    cond = db.encode_prompts(c["tokenizer"], c["text_encoder"], [db.BASE_CAPTION, ""])
     t0 = time.perf_counter()
 
-    def checkpoint(ema, step, losses):
-        partial = dict(record, unet_steps_done=step, timings_s=dict(record["timings_s"], unet=round(time.perf_counter() - t0, 1)))
-        db.save_weights({**c, "unet": ema}, args.out, partial)
+    def checkpoint(ema_unet, ema_text, step, losses):
+        partial = dict(record, unet_steps_done=step, unet_loss_last_100=round(float(np.mean(losses[-100:])), 5),
+                       timings_s=dict(record["timings_s"], unet=round(time.perf_counter() - t0, 1)))
+        db.save_weights({**c, "unet": ema_unet, "text_encoder": ema_text}, args.out, partial)
         log(f"checkpoint at step {step} -> {args.out}")
 
-    ema, losses = db.train_unet(c["unet"], latents, cond[0], cond[1], steps=args.unet_steps,
-                                batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
-                                on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+    ema_unet, ema_text, losses = db.train_unet_and_text(
+        c["unet"], c["text_encoder"], c["tokenizer"], latents, attrs, steps=args.unet_steps,
+        batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr, high_noise_share=args.high_noise_share,
+        high_noise_from=args.high_noise_from,
+        seed=args.seed, log=log,
+        on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
     record["unet_steps_done"] = args.unet_steps
     record["timings_s"]["unet"] = round(time.perf_counter() - t0, 1)
-    record["unet_final_loss"] = round(float(sum(losses[-100:]) / len(losses[-100:])), 5)
-    c["unet"] = ema
+    record["unet_loss_last_100"] = round(float(np.mean(losses[-100:])), 5)
+    record["unet_loss_curve"] = [round(float(np.mean(losses[i:i + 100])), 4) for i in range(0, len(losses), 100)]
     record["timings_s"]["total"] = round(time.perf_counter() - t_all, 1)
-    out = db.save_weights(c, args.out, record)
+    out = db.save_weights({**c, "unet": ema_unet, "text_encoder": ema_text}, args.out, record)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {json.dumps(record)}")
-    if work:
-        torch.save(losses, work / "unet_losses.pt")
     return 0
 
 

@@ -63,6 +63,8 @@ def brightness_stats(images: np.ndarray, unclamped: np.ndarray | None = None) ->
     stats = {
         "mean_luminance": float(per_image.mean()),
         "std_luminance": float(per_image.std()),
+        # how much an image varies inside itself (0 = a flat field), averaged over images
+        "within_image_std": float(lum.reshape(lum.shape[0], -1).std(axis=1).mean()),
         "mean_luminance_unclamped": float(luminance(unclamped).mean()) if unclamped is not None else None,
         "p1": float(np.percentile(lum, 1)),
         "p99": float(np.percentile(lum, 99)),
@@ -243,6 +245,7 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
              n: int = 16, steps: int = 30, seed: int = 0, out: str | os.PathLike = "eval", *,
              guidance_scale: float = 7.5, resolution: int = 512, allow_pickle: bool = False,
              negative_prompt: str = "", batch_size: int = 4, clip_skip: int = 1, components: dict | None = None,
+             start_from_leak=None, leak_fraction: float = 1.0, include_base: bool = True,
              log: Callable[[str], None] | None = None) -> dict:
     """Generate N images per setting and prompt, write the report files into `out`, return the report.
 
@@ -253,6 +256,11 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     carry a LoRA already, and are moved to the evaluation device. `log` gets one progress line
     per setting and prompt. `clip_skip`: 2 encodes the prompts from CLIP's penultimate layer, as a
     LoRA trained with training.clip_skip = 2 expects (lora_offset.training.text).
+
+    `start_from_leak`: a folder of images (or a lora_offset.experiments.leak.LeakStatistics): every
+    image starts from sqrt(1 - abar) * noise + sqrt(abar) * leak, the leak's channel means drawn per
+    image from the folder's latent channel-mean statistics and scaled by `leak_fraction` (Everaert
+    et al. 2024; a training-free brightness fix). `include_base=False` skips the base-model setting.
     """
     from lora_offset.experiments.sample import ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded, to_pil, to_unit_range
 
@@ -278,17 +286,33 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     scheduler_config = dict(components["scheduler_config"] if "scheduler_config" in components
                             else components["scheduler"].config)
 
+    leak_stats = None
+    if start_from_leak is not None:
+        from lora_offset.experiments.leak import LeakStatistics, folder_statistics
+
+        leak_stats = start_from_leak if isinstance(start_from_leak, LeakStatistics) else folder_statistics(
+            components["vae"], start_from_leak, resolution)
     names = _setting_names(specs)
     report = {"settings": {}, "config": {
         "base": str(base), "loras": [{"path": str(s.path), "weight": s.weight} for s in specs],
         "prompts": prompts, "n": n, "steps": steps, "seed": seed, "guidance_scale": guidance_scale,
         "resolution": resolution, "negative_prompt": negative_prompt, "clip_skip": clip_skip, "device": str(device),
         "luminance": "Rec. 709 (0.2126 R + 0.7152 G + 0.0722 B) on sRGB values in [0, 1]",
+        "start_from_leak": None if leak_stats is None else {
+            "source": str(start_from_leak) if not hasattr(start_from_leak, "mean") else "statistics",
+            "fraction": leak_fraction, **leak_stats.to_dict()},
     }, "versions": _versions()}
     histograms: dict[str, dict[str, list[float]]] = {}
     seeds = [seed + i for i in range(n)]
+    leaks = None
+    if leak_stats is not None:
+        from lora_offset.experiments.leak import draw_leaks
+
+        leaks = draw_leaks(leak_stats, seeds, leak_fraction)
 
     for index, name in enumerate(names):
+        if index == 0 and not include_base:
+            continue
         spec = specs[index - 1] if index else None
         if spec is None:
             sampling = sampling_from_scheduler(scheduler_config)
@@ -314,7 +338,7 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
                         f"{', zero terminal SNR' if sampling.zero_terminal_snr else ''})")
                 decoded = generate_decoded(pipe, [prompt] * n, seeds, steps=steps, guidance_scale=guidance_scale,
                                            height=resolution, width=resolution, negative_prompt=negative_prompt,
-                                           batch_size=batch_size, clip_skip=clip_skip).numpy()
+                                           batch_size=batch_size, clip_skip=clip_skip, leaks=leaks).numpy()
                 images = to_unit_range(decoded)
                 stats = brightness_stats(images, unclamped=np.transpose(decoded, (0, 2, 3, 1)) / 2 + 0.5)
                 grid_name = f"grid_{name}_{p_index:02d}_{_slug(prompt)}.png"
@@ -386,6 +410,13 @@ def render_markdown(report: dict) -> str:
         "*Unclamped* is the mean before clamping the decode to [0, 1]: when it differs much from the "
         "mean, the images are noisy rather than gray.",
         "",
+    ]
+    leak = cfg.get("start_from_leak")
+    if leak:
+        lines += [f"Started from the signal leak of `{leak['source']}` ({leak['n']} images; latent channel means "
+                  f"{', '.join(f'{v:.3f}' for v in leak['mean'])} ± {', '.join(f'{v:.3f}' for v in leak['std'])}, "
+                  f"× {leak['fraction']:g}) instead of pure noise.", ""]
+    lines += [
         "| setting | prompt | mean luminance ± spread | unclamped | p1 | p99 | frac < 0.05 | frac > 0.95 | grid |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -426,13 +457,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encode prompts from CLIP's N-th layer from the end, as the LoRA was trained "
                              "(training.clip_skip; default 1 = the last layer)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt) base checkpoint (weights only)")
+    parser.add_argument("--start-from-leak", metavar="DIR",
+                        help="start sampling from the signal leak of these images' latent channel means "
+                             "(Everaert et al. 2024): a training-free way to reach their brightness")
+    parser.add_argument("--leak-fraction", type=float, default=1.0,
+                        help="scale of the leak's channel means (default 1.0; 0.5 = halfway)")
 
 
 def run(args: argparse.Namespace) -> int:
     report = evaluate(args.base, [parse_lora_spec(s) for s in args.lora], args.prompt, n=args.n, steps=args.steps,
                       seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
                       allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                      clip_skip=args.clip_skip, log=lambda line: print(line, file=sys.stderr, flush=True))
+                      clip_skip=args.clip_skip, start_from_leak=args.start_from_leak, leak_fraction=args.leak_fraction,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
     for name, entry in report["settings"].items():
         for prompt, s in entry["prompts"].items():
             print(f"{name:>20}  mean {s['mean_luminance']:.3f} ± {s['std_luminance']:.3f}  "

@@ -139,7 +139,8 @@ def _autocast(pipe):
 def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30,
                      guidance_scale: float = 7.5, guidance_rescale: float | None = None,
                      height: int = 512, width: int = 512, negative_prompt: str | None = "",
-                     batch_size: int = 4, clip_skip: int = 1, max_token_length: int = 75) -> torch.Tensor:
+                     batch_size: int = 4, clip_skip: int = 1, max_token_length: int = 75,
+                     leaks: torch.Tensor | None = None) -> torch.Tensor:
     """Generate one image per (prompt, seed) pair; return the raw VAE decode, float32 (N, 3, H, W).
 
     clip_skip / max_token_length: how the prompts are encoded (lora_offset.training.text, as in
@@ -147,7 +148,9 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
 
     Values are in the VAE's [-1, 1] range but NOT clamped: an under-trained or noisy sample
     overshoots both ends, and clamping it would fake a mid-gray mean. Image i starts from
-    torch.Generator().manual_seed(seeds[i]) noise, whatever the batching.
+    torch.Generator().manual_seed(seeds[i]) noise, whatever the batching. `leaks` (N, C): start
+    image i from sqrt(1 - abar) * noise + sqrt(abar) * leaks[i] instead (lora_offset.experiments.leak),
+    abar at the first sampling step.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
@@ -158,6 +161,12 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
     if guidance_rescale is None:
         guidance_rescale = ZTSNR_GUIDANCE_RESCALE if is_zero_terminal_snr(pipe) else 0.0
     batch_size = max(1, int(batch_size))
+    if leaks is not None:
+        from lora_offset.experiments.leak import first_step_alpha_bar, leak_start
+
+        if tuple(leaks.shape) != (len(seeds), pipe.vae.config.latent_channels):
+            raise ValueError(f"leaks must have shape ({len(seeds)}, {pipe.vae.config.latent_channels}), got {tuple(leaks.shape)}")
+        alpha_bar = first_step_alpha_bar(pipe.scheduler, steps)
     device = pipe.unet.device
     vae = pipe.vae
     decoded = []
@@ -169,7 +178,10 @@ def generate_decoded(pipe, prompts: Sequence[str], seeds: Sequence[int], *, step
             latents = torch.stack([
                 torch.randn((vae.config.latent_channels, height // factor, width // factor), generator=g)
                 for g in generators
-            ]).to(device=device, dtype=pipe.unet.dtype)
+            ])
+            if leaks is not None:
+                latents = leak_start(latents, leaks[start:start + batch_size].float(), alpha_bar)
+            latents = latents.to(device=device, dtype=pipe.unet.dtype)
             latents = pipe(
                 **_prompt_inputs(pipe, chunk, [negative_prompt or ""] * len(chunk), clip_skip, max_token_length),
                 height=height, width=width,

@@ -1,0 +1,88 @@
+"""Choose the demo's LoRA budget on the positive control alone (protocol v3's rule), and record why.
+
+    python scripts/demo_budget.py --out budget-out [--rungs 200 400 800 1600]
+
+Trains ONLY the positive-control arm (solid mid-grey instance, standard noise: nothing blocks it)
+with the protocol's settings to the largest rung, saving the adapter at every rung (the schedule is
+constant after warm-up, so the adapter at step S is what an S-step run ends with), then evaluates
+the instance prompt at each rung with the protocol's sampler. The budget is the smallest rung at
+which the control has learned its instance (demo_report.judge_control's rule: brightness, flatness,
+loss flattened). The black-instance arms are never run here: the choice cannot see their outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from lora_offset.experiments import demo, demo_base, demo_jobs, demo_report  # noqa: E402
+from lora_offset.experiments.evaluate import evaluate  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rungs", type=int, nargs="+", default=[200, 400, 800, 1600])
+    p.add_argument("--weights", default=str(demo_base.ASSETS_DIR / demo_base.WEIGHTS_NAME))
+    p.add_argument("--learning-rate", type=float, default=demo.PROTOCOL["learning_rate"])
+    p.add_argument("--rank", type=int, default=demo.PROTOCOL["rank"], help="rank = alpha = conv rank = conv alpha")
+    args = p.parse_args(argv)
+    demo.quiet_libraries()
+    out = Path(args.out)
+    rungs = sorted(args.rungs)
+    protocol = {**demo.PROTOCOL, "max_steps": rungs[-1], "learning_rate": args.learning_rate,
+                "rank": args.rank, "alpha": float(args.rank), "conv_rank": args.rank, "conv_alpha": float(args.rank)}
+    arms = {"control": demo.ARMS["control"]}
+    protocol["arms"] = {"control": {**demo.ARMS["control"], "prompts": [demo.INSTANCE_PROMPT, demo.CLASS_PROMPT]}}
+    t0 = time.perf_counter()
+    demo_base.expand_to_diffusers(out / "base-model", args.weights)
+    demo.write_data(out, protocol, arms)
+    demo_jobs.write_json(out / demo_jobs.PROTOCOL_FILE, protocol)
+    config = demo.arm_config("control", arms["control"], out, protocol)
+    config["training"]["save_every_steps"] = rungs[0] if all(r % rungs[0] == 0 for r in rungs) else 100
+    (out / "loras").mkdir(parents=True, exist_ok=True)
+    (out / "loras" / "control.toml").write_text(demo.to_toml(config))
+    demo_jobs.job_classes(out)
+    trained = demo_jobs.job_train(out, "control")
+    print(f"trained {rungs[-1]} steps in {trained['seconds']:.0f} s", flush=True)
+
+    components = demo_jobs.load_base(out)
+    common = dict(n=protocol["eval_n"], steps=protocol["eval_steps"], seed=protocol["eval_seed"],
+                  guidance_scale=protocol["guidance_scale"], resolution=protocol["resolution"],
+                  batch_size=protocol["sample_batch"], components=components)
+    base_eval = evaluate(str(out / "base-model"), [], [demo.INSTANCE_PROMPT], out=out / "eval" / "base", **common)
+    base = {"instance_prompt": demo_report._stats(base_eval, demo.INSTANCE_PROMPT, "base")}
+    rows = []
+    for rung in rungs:
+        name = "control" if rung == rungs[-1] else f"control-step{rung:06d}"
+        adapter = out / "loras" / "control" / f"{name}.safetensors"
+        result = evaluate(str(out / "base-model"), [str(adapter)], [demo.INSTANCE_PROMPT, demo.CLASS_PROMPT],
+                          out=out / "eval" / f"step{rung}", include_base=False, **common)
+        entry = demo_report._stats(result, demo.INSTANCE_PROMPT)
+        entry["class_prompt"] = demo_report._stats(result, demo.CLASS_PROMPT)
+        entry["loss"] = demo_report.loss_summary(trained["losses"][:rung], protocol["loss_flat_within"])
+        verdict = demo_report.judge_control(entry, base, protocol)
+        rows.append({"steps": rung, "instance_luminance": entry["mean_luminance"],
+                     "within_image_std": entry["within_image_std"], "class_luminance": entry["class_prompt"]["mean_luminance"],
+                     "loss_quarters": entry["loss"]["quarters"], **verdict})
+        print(json.dumps(rows[-1]), flush=True)
+    chosen = next((r["steps"] for r in rows if r["learned"]), None)
+    summary = {"learning_rate": args.learning_rate, "rank": args.rank, "rungs": rows, "chosen_steps": chosen, "base_within_image_std": base["instance_prompt"]["within_image_std"],
+               "seconds": time.perf_counter() - t0, "train_seconds": trained["seconds"]}
+    demo_jobs.write_json(out / "budget.json", summary)
+    print(f"chosen budget: {chosen} steps" if chosen else "no rung passed: the control never learned its instance")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
