@@ -375,3 +375,7 @@ def test_demo_quick_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "--quick run" in md and "## Gates" in md and "Prediction held" in md
     assert lines[0].startswith("setup") and any(line.startswith("eval control: done") for line in lines)
+    from lora_offset.experiments.demo_report import summary_lines
+
+    console = summary_lines(report)  # what the CLI prints at the end: plain text, no markdown
+    assert any(line.startswith("  gates: ") for line in console) and not any("**" in line for line in console)

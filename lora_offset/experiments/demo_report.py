@@ -191,7 +191,7 @@ def summary_lines(r: dict) -> list[str]:
     lines = [r["claim"]]
     for name, s in r["conditions"].items():
         lines.append(f"  {name:9s} \"{r['instance_prompt']}\" {_ms(s)}   \"{r['class_prompt']}\" {_ms(s['class_prompt'])}")
-    lines.append(f"  gates: " + ", ".join(f"{k} {_ok(v['pass'])}" for k, v in r["gates"].items()))
+    lines.append("  gates: " + ", ".join(f"{k} {'pass' if v['pass'] else 'FAIL'}" for k, v in r["gates"].items()))
     lines.append(f"  positive control learned: {r['control']['learned']}; prediction held: {r['prediction']['held']}")
     return lines
 
