@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from lora_offset import tiny
 from lora_offset.experiments import demo_world
+from lora_offset.training.text import encode_prompts  # CLIP's own 77-token encoding at 75 tokens (tested)
 
 IMAGE_SIZE = demo_world.IMAGE_SIZE
 LATENT_SIZE = IMAGE_SIZE // 8
@@ -124,12 +125,6 @@ def build_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> 
     scheduler = PNDMScheduler.from_config(tiny.SD15_SCHEDULER_CONFIG)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": load_tokenizer(tokenizer_dir),
             "scheduler": scheduler}
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
