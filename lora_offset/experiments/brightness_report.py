@@ -80,6 +80,18 @@ def image_grid(images: Sequence, cols: int | None = None):
 
 # ----------------------------------------------------------------------------- report files
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out a matplotlib figure, write it as a PNG atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return path
+
+
 def write_histogram_plot(histograms: dict[str, dict[str, list[float]]], path: Path) -> Path:
     """One panel per prompt, one luminance-histogram curve per setting; PNG written atomically."""
     import matplotlib
@@ -100,12 +112,7 @@ def write_histogram_plot(histograms: dict[str, dict[str, list[float]]], path: Pa
         ax.set_xlabel("luminance (Rec. 709, sRGB in [0, 1])")
         ax.set_ylabel("% of pixels")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render_markdown(report: dict) -> str:

@@ -155,7 +155,7 @@ def write_response_plot(path: Path, base: dict, conditions: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lora_offset.fileio import atomic_write
+    from lora_offset.experiments.brightness_report import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     lines = [("base", base.get("first_step"))] + [(k, v.get("first_step")) for k, v in conditions.items()]
@@ -167,12 +167,7 @@ def write_response_plot(path: Path, base: dict, conditions: dict) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
