@@ -48,6 +48,13 @@ TEMPLATE_WORDS = ("a", "photo", "of", "on", "background")
 KEEP_WORD = 0.7
 EMPTY_CAPTION = 0.1
 SHAPE_CONTRAST = 0.15  # the shape's luminance differs from the background's by this much
+# Small shapes anywhere in the middle (v4; v3 had radius 0.2-0.28 at the centre): a large centred
+# shape's colour moves the latent channel means so much that it can be read from x_t even at
+# t = 999 (4.0 noise spreads for red vs blue, measured), so the base never needed the colour word
+# (gate (c) failed). Smaller shapes in varying places leave 1.9 there: at high noise the colour
+# must come from the text, as an object's colour does in SD.
+RADIUS_RANGE = (0.10, 0.14)  # share of the image size
+CENTRE_RANGE = (0.30, 0.70)  # x and y of the centre; the shape stays inside the picture
 
 
 def vocabulary() -> list[str]:
@@ -98,8 +105,8 @@ def draw_attributes(rng: np.random.Generator, brightness: str | None = None) -> 
         colour=list(HUES)[int(rng.integers(len(HUES)))],
         shape=SHAPES[int(rng.integers(len(SHAPES)))],
         background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
-        centre=(float(rng.uniform(0.45, 0.55)), float(rng.uniform(0.45, 0.55))),
-        radius=float(rng.uniform(0.2, 0.28)),
+        centre=(float(rng.uniform(*CENTRE_RANGE)), float(rng.uniform(*CENTRE_RANGE))),
+        radius=float(rng.uniform(*RADIUS_RANGE)),
         angle=float(rng.uniform(0, 2 * np.pi)),
         contrast_sign=sign,
     )
