@@ -11,7 +11,7 @@ import torch
 
 from lora_offset.config import Config
 from lora_offset.errors import UserError
-from lora_offset.experiments import demo, demo_base, demo_report, demo_world, leak
+from lora_offset.experiments import demo, demo_base, demo_jobs, demo_report, demo_world, leak
 
 ASSET = demo_base.ASSETS_DIR / demo_base.WEIGHTS_NAME
 
@@ -40,6 +40,16 @@ def test_shapes_have_the_named_hue():
         dominant = {"red": r > max(g, b), "green": g > max(r, b), "blue": b > max(r, g),
                     "yellow": min(r, g) > b, "purple": min(r, b) > g}[a.colour]
         assert dominant, (a, image[y, x])
+
+
+def test_shapes_are_small_and_inside_the_picture():
+    images, attrs = demo_world.draw_dataset(200, seed=4, brightness="medium")
+    level = np.array([a.level for a in attrs])[:, None, None]
+    shape_area = (np.abs(images @ demo_world.REC709 - level) > 0.1).mean(axis=(1, 2))
+    assert 0.02 < shape_area.min() and shape_area.max() < 0.08  # v3's centred shapes covered ~0.18
+    for a in attrs:
+        assert all(0.0 < v - 1.15 * a.radius and v + 1.15 * a.radius < 1.0 for v in a.centre)
+    assert np.ptp([a.centre[0] for a in attrs]) > 0.3  # not always in the same place
 
 
 def test_captions_drop_words_at_the_stated_rates_and_never_say_sks():
@@ -246,7 +256,7 @@ def test_arms_share_one_budget_and_differ_only_in_noise_and_instance(tmp_path):
         assert [s.class_tokens for s in subsets] == [demo.INSTANCE_PROMPT, demo.CLASS_PROMPT]
         assert subsets[1].caption_dropout_rate == demo.PROTOCOL["class_caption_dropout"]
         assert subsets[0].caption_dropout_rate == 0
-    assert parsed["control"].dataset.subsets[0].image_dir.endswith("gray")
+    assert parsed["control"].dataset.subsets[0].image_dir.endswith("stripes")
     strip = lambda c: {k: v for k, v in c.items() if k not in ("noise", "training")}  # noqa: E731
     assert strip(configs["standard"]) == strip(configs["offset"])
     train_parts = [{k: v for k, v in c["training"].items() if k not in ("output_dir", "output_name")}
@@ -305,13 +315,35 @@ def test_prediction_is_judged_item_by_item_with_the_fixed_rules():
     assert failed == {"standard_instance_gray", "offset_instance_dark", "standard_first_step_gray", "offset_first_step_dark"}
 
 
-def test_positive_control_needs_its_brightness_flatness_and_a_flat_loss():
+def _control(score, lum=0.5, flattened=True):
+    return {"loss": {"flattened": flattened},
+            "control_check": {"pattern_score": score, "mean_luminance": lum, "template_mean_luminance": 0.5,
+                              "pattern_kept_by_vae": 0.9}}
+
+
+def test_positive_control_needs_its_pattern_its_brightness_and_a_flat_loss():
     p = demo.PROTOCOL
-    base = {"instance_prompt": {"within_image_std": 0.2}}
-    assert demo_report.judge_control(_arm(0.52, 0.5, within=0.05), base, p)["learned"]
-    assert not demo_report.judge_control(_arm(0.70, 0.5, within=0.05), base, p)["learned"]  # wrong brightness
-    assert not demo_report.judge_control(_arm(0.52, 0.5, within=0.15), base, p)["learned"]  # not flat
-    assert not demo_report.judge_control(_arm(0.52, 0.5, within=0.05, flattened=False), base, p)["learned"]
+    base = {"control_reference": {"base_pattern_score": 0.01}}
+    verdict = demo_report.judge_control(_control(0.6), base, p)
+    assert verdict["learned"] and verdict["base_pattern_score"] == 0.01
+    assert not demo_report.judge_control(_control(0.4), base, p)["learned"]  # too little of the pattern
+    assert not demo_report.judge_control(_control(0.6, lum=0.65), base, p)["learned"]  # wrong brightness
+    assert not demo_report.judge_control(_control(0.6, flattened=False), base, p)["learned"]
+    assert demo_report.judge_control(None, base, p) == {"learned": False, "reason": "no control arm"}
+
+
+def test_pattern_score_measures_the_share_of_the_pattern_and_ignores_brightness():
+    template = np.zeros((8, 8))
+    lum = demo.stripes_image(128) @ demo_world.REC709
+    assert lum.mean() == pytest.approx(0.5) and set(np.unique(lum.round(6))) == {0.3, 0.7}
+    assert (lum[:, :16] == lum[0, 0]).all() and (lum[:, 16:32] != lum[0, 0]).all()  # bands 16 px wide
+    rng = np.random.default_rng(0)
+    half = 0.5 + 0.5 * (lum - 0.5) + 0.2  # half the pattern, brighter overall
+    shifted = np.roll(lum, 16, axis=1)  # the same stripes out of phase
+    scores = demo_jobs.pattern_score(np.stack([lum, half, shifted, rng.random((128, 128)) * 0.01 + 0.5]), lum)
+    assert scores[:3] == pytest.approx([1.0, 0.5, -1.0])
+    assert abs(scores[3]) < 0.01
+    assert demo_jobs.pattern_score(template[None] + 0.3, template + 0.5) == pytest.approx([0.0])  # flat template
 
 
 def test_loss_flattening_compares_the_last_two_quarters():

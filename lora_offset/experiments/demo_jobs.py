@@ -53,10 +53,36 @@ def pipeline(components: dict):
 
 def luminance_of(decoded: torch.Tensor) -> np.ndarray:
     """Per-image mean Rec. 709 luminance of raw decodes (N, 3, H, W) in [-1, 1], clamped to [0, 1]."""
+    return luminance_of_pixels(decoded).mean(axis=(1, 2))
+
+
+def luminance_of_pixels(decoded: torch.Tensor) -> np.ndarray:
+    """(N, H, W) Rec. 709 luminance of raw decodes (N, 3, H, W) in [-1, 1], clamped to [0, 1]."""
     from lora_offset.experiments.evaluate import luminance
     from lora_offset.experiments.sample import to_unit_range
 
-    return luminance(to_unit_range(decoded)).mean(axis=(1, 2))
+    return luminance(to_unit_range(decoded))
+
+
+def circles_of(hue: str, p: dict) -> np.ndarray:
+    """The world's pictures that "a photo of a {hue} circle" describes (other attributes drawn at random)."""
+    import dataclasses
+
+    from lora_offset.experiments import demo_world
+
+    rng = np.random.default_rng(p["data_seed"] + 2)
+    attrs = [dataclasses.replace(demo_world.draw_attributes(rng), colour=hue, shape="circle")
+             for _ in range(p["gate_pictures"])]
+    return np.stack([demo_world.render(a, p["resolution"]) for a in attrs]).astype(np.float32)
+
+
+@torch.no_grad()
+def reconstruct(vae, images: np.ndarray, chunk: int = 64) -> torch.Tensor:
+    """Encode and decode (N, H, W, 3) pictures in [0, 1]: raw decodes (N, 3, H, W) in [-1, 1]."""
+    from lora_offset.experiments.demo_base import to_model_range
+
+    x = to_model_range(images)
+    return torch.cat([vae.decode(vae.encode(x[i:i + chunk]).latent_dist.mean).sample for i in range(0, len(x), chunk)])
 
 
 def sample(pipe, prompt: str, p: dict, leaks: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
@@ -80,6 +106,40 @@ def instance_leak(components: dict, p: dict, color: str) -> torch.Tensor:
     with torch.no_grad():
         z = vae.encode(px).latent_dist.mean * vae.config.scaling_factor
     return channel_statistics(z).mean
+
+
+def pattern_score(luminance: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """How much of `template`'s pattern each image carries: the least-squares coefficient of the
+    template's zero-mean luminance in each image's zero-mean luminance (1: all of it, in phase; 0: none;
+    an image's overall brightness does not count). luminance (N, H, W), template (H, W)."""
+    q = np.asarray(template, dtype=np.float64)
+    q = q - q.mean()
+    x = np.asarray(luminance, dtype=np.float64)
+    x = x - x.mean(axis=(1, 2), keepdims=True)
+    return (x * q).sum(axis=(1, 2)) / max(float((q * q).sum()), 1e-12)
+
+
+@torch.no_grad()
+def control_template(components: dict, p: dict) -> dict:
+    """The control's instance as the base's VAE shows it (encode, decode): its luminance map, mean
+    luminance, and how much of the drawn pattern survives the VAE."""
+    from lora_offset.experiments.brightness_report import luminance
+    from lora_offset.experiments.demo import stripes_image
+
+    drawn = stripes_image(p["resolution"])
+    rec = luminance_of_pixels(reconstruct(components["vae"], drawn[None]))[0]
+    drawn_lum = luminance(drawn)
+    return {"luminance": rec, "mean_luminance": float(rec.mean()),
+            "pattern_kept_by_vae": float(pattern_score(rec[None], drawn_lum)[0])}
+
+
+def control_check(pipe, components: dict, p: dict) -> dict:
+    """The instance prompt's samples (the eval seeds) against the control's template."""
+    template = control_template(components, p)
+    lum = luminance_of_pixels(sample(pipe, p["instance_prompt"], p))
+    return {"pattern_score": float(pattern_score(lum, template["luminance"]).mean()),
+            "mean_luminance": float(lum.mean()), "template_mean_luminance": template["mean_luminance"],
+            "pattern_kept_by_vae": template["pattern_kept_by_vae"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,19 +219,28 @@ def job_gates(out: Path) -> dict:
         "rule": f"\"a very dark photo\" samples >= its training images + {g}, \"a very bright photo\" <= - {g}",
     }
     # (c) the text works: one word changes the images; the rare token is not the class prompt.
-    red, blue = (sample(pipe, f"a photo of a {hue} circle", p) for hue in ("red", "blue"))
     redness = lambda d: (d[:, 0] - d[:, 2]).mean(dim=(1, 2)).numpy() / 2  # noqa: E731  (R - B in [0, 1] units)
+    red, blue = (sample(pipe, f"a photo of a {hue} circle", p) for hue in ("red", "blue"))
     colour_gap = float((redness(red) - redness(blue)).mean())
+    shown = {hue: reconstruct(c["vae"], circles_of(hue, p)) for hue in ("red", "blue")}
+    reachable_gap = float(redness(shown["red"]).mean() - redness(shown["blue"]).mean())
     inst = sample(pipe, p["instance_prompt"], p)
     cls = sample(pipe, p["class_prompt"], p)
     token_gap = float(((inst - cls).abs() / 2).mean())
+    share = p["gates"]["c_min_colour_share"]
     result["gates"]["c_text_works"] = {
-        "value": {"red_minus_blue_redness": colour_gap, "instance_vs_class_pixel_difference": token_gap},
-        "pass": bool(colour_gap >= p["gates"]["c_min_colour_gap"] and token_gap >= p["gates"]["c_min_token_gap"]),
-        "rule": (f"same seeds: (R - B) of \"a photo of a red circle\" minus \"... blue circle\" >= "
-                 f"{p['gates']['c_min_colour_gap']}; mean |pixel difference| of \"{p['instance_prompt']}\" vs "
-                 f"\"{p['class_prompt']}\" >= {p['gates']['c_min_token_gap']}"),
+        "value": {"red_minus_blue_redness": colour_gap, "pictures_through_the_vae": reachable_gap,
+                  "instance_vs_class_pixel_difference": token_gap},
+        "pass": bool(colour_gap >= share * reachable_gap and token_gap >= p["gates"]["c_min_token_gap"]),
+        "rule": (f"same seeds: R - B (0-1 units) of \"a photo of a red circle\" minus \"... blue circle\" >= {share} x the same "
+                 "gap of such pictures (encoded and decoded by the VAE); mean |pixel difference| of "
+                 f"\"{p['instance_prompt']}\" vs \"{p['class_prompt']}\" >= {p['gates']['c_min_token_gap']}"),
     }
+    # The positive control's reference: how much of its instance's pattern the base shows unprompted.
+    template = control_template(c, p)
+    result["control_reference"] = {
+        "base_pattern_score": float(pattern_score(luminance_of_pixels(inst), template["luminance"]).mean()),
+        "template_mean_luminance": template["mean_luminance"], "pattern_kept_by_vae": template["pattern_kept_by_vae"]}
 
     # SD 1.5 match: z of the darkest training images' leak at the first sampling step.
     from lora_offset.experiments.demo_base import to_model_range
@@ -265,6 +334,10 @@ def job_eval(out: Path, arm: str) -> dict:
     result = {"adapter": adapter, "plain": evaluate(str(out / "base-model"), [adapter], arm_cfg["prompts"],
                                                      out=folder / "plain", **common)}
     instance_dir = out / "data" / arm_cfg["instance"]
+    if arm_cfg["instance"] == "stripes":  # the positive control: does it carry its instance's pattern?
+        pipe = pipeline(c)
+        pipe.load_lora_weights(adapter, adapter_name="arm")
+        result["control_check"] = control_check(pipe, c, p)
     if arm_cfg.get("diagnostics"):
         result["leak"] = {
             str(f): evaluate(str(out / "base-model"), [adapter], [p["instance_prompt"]], out=folder / f"leak-{f:g}",
