@@ -4,6 +4,7 @@ diagnostics, the protocol's arms and verdicts, the job runner, and `demo --quick
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,27 @@ def test_shipped_weights_are_small_and_carry_their_recipe():
     assert record["vae_checks"]["cell_colour_rmse"] < 0.08 and record["vae_checks"]["brightness_abs_error"] < 0.03
     components = demo_base.load_components(ASSET)
     assert components["vae"].config.scaling_factor == pytest.approx(record["scaling_factor"])
+
+
+def test_base_training_script_is_reproducible_from_its_seed(tmp_path):
+    """The same command gives the same weights (one torch thread); another seed gives others."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).parent.parent / "scripts" / "train_demo_base.py"
+    tiny = ["--vae-crop-steps", "2", "--vae-full-steps", "1", "--latent-images", "16", "--unet-steps", "3",
+            "--batch-size", "2", "--checkpoint-every", "1000"]
+    runs = {}
+    for name, seed in (("first", "0"), ("again", "0"), ("other", "1")):
+        out = tmp_path / f"{name}.safetensors"
+        done = subprocess.run([sys.executable, str(script), *tiny, "--seed", seed, "--out", str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = load_file(out)
+    assert set(runs["first"]) == set(runs["again"]) and len(runs["first"]) > 1000
+    assert all(torch.equal(runs["first"][k], runs["again"][k]) for k in runs["first"])
+    assert not all(torch.equal(runs["first"][k], runs["other"][k]) for k in runs["first"])
 
 
 # ---------------------------------------------------------------------------------------------- leak
