@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import torch
 
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX
-from lora_offset.formats.kohya import kohya_state_dict, save_lora, ss_metadata
+from lora_offset.formats.kohya import kohya_state_dict, save_lora
+from lora_offset.formats.kohya_metadata import ss_metadata
 
 log = logging.getLogger("lora_offset")
 

@@ -15,16 +15,14 @@ Paths are used as written (relative ones against the current folder, as kohya do
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from lora_offset.config_values import check_keys, coerce, suggest, type_name
 from lora_offset.errors import UserError
 from lora_offset.formats.kohya_dataset import kohya_datasets, refuse
 
@@ -263,7 +261,7 @@ def apply_override(data: dict, item: str) -> None:
         raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set training.max_steps=500")
     section, _, name = key.partition(".")
     if section not in SECTIONS:
-        raise UserError(f"--set {item!r}: unknown section {section!r}{_suggest(section, SECTIONS)}")
+        raise UserError(f"--set {item!r}: unknown section {section!r}{suggest(section, SECTIONS)}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -282,14 +280,14 @@ def apply_override(data: dict, item: str) -> None:
 def _build_config(data: dict, source: str) -> Config:
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a table of sections")
-    _check_keys(data, [*SECTIONS, "datasets"], source, "")
+    check_keys(data, [*SECTIONS, "datasets"], source, "")
     sections = {}
     for name, cls in SECTIONS.items():
         if name == "dataset":
             continue
         table = data.get(name, {})
         if not isinstance(table, dict):
-            raise UserError(f"{source}: [{name}] must be a table, got {_type_name(table)}")
+            raise UserError(f"{source}: [{name}] must be a table, got {type_name(table)}")
         sections[name] = _build_dataclass(cls, table, source, f"{name}.")
     config = Config(**sections, datasets=_build_datasets(data, source))
     from lora_offset.config_rules import validate  # it imports this module
@@ -306,7 +304,7 @@ def _build_datasets(data: dict, source: str) -> list[DatasetConfig]:
     if "datasets" not in data:
         table = data.get("dataset", {})
         if not isinstance(table, dict):
-            raise UserError(f"{source}: [dataset] must be a table, got {_type_name(table)}")
+            raise UserError(f"{source}: [dataset] must be a table, got {type_name(table)}")
         return [_build_dataclass(DatasetConfig, table, source, "dataset.")]
     tables = data["datasets"]
     if not isinstance(tables, list) or not tables or not all(isinstance(d, dict) for d in tables):
@@ -319,7 +317,7 @@ def _build_dataclass(cls: type, table: dict, source: str, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if cls in (DatasetConfig, SubsetConfig):  # kohya's keys that lora-offset refuses, with the reason
         table = refuse(table, prefix, source)
-    _check_keys(table, list(fields), source, prefix)
+    check_keys(table, list(fields), source, prefix)
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in table.items():
@@ -329,99 +327,8 @@ def _build_dataclass(cls: type, table: dict, source: str, prefix: str):
             values[name] = [_build_dataclass(SubsetConfig, s, source, f"{prefix}subsets[{i}].")
                             for i, s in enumerate(value)]
             continue
-        values[name] = _coerce(value, hints[name], f"{prefix}{name}", source)
+        values[name] = coerce(value, hints[name], f"{prefix}{name}", source)
     return cls(**values)
-
-
-def _check_keys(table: dict, valid: list[str], source: str, prefix: str) -> None:
-    for key in table:
-        if key not in valid:
-            raise UserError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, valid, prefix)}")
-
-
-def _suggest(key: str, valid, prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    if close:
-        return f"; did you mean '{prefix}{close[0]}'?"
-    return f"; valid keys: {', '.join(prefix + v for v in valid)}"
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X]
-        inner = next(a for a in args if a is not type(None))
-        return _coerce(value, inner, key, source)
-    if origin in (typing.Union, types.UnionType):  # X | Y: the first type the value is
-        list_arms = [a for a in args if typing.get_origin(a) is list]
-        if isinstance(value, list) and list_arms:
-            return _coerce(value, list_arms[0], key, source)  # its items' errors name the item
-        for arm in args:
-            try:
-                return _coerce(value, arm, key, source)
-            except UserError:
-                continue
-        names = " or ".join(f"an array of {_hint_name(typing.get_args(a)[0])}s" if typing.get_origin(a) is list
-                            else f"a {_hint_name(a)}" for a in args)
-        raise UserError(f"{source}: {key} must be {names}, got {_type_name(value)} {value!r}")
-    if origin is Literal:
-        if value not in args:
-            choices = " | ".join(repr(a) for a in args)
-            raise UserError(f"{source}: {key} must be one of {choices}, got {value!r}")
-        return value
-    if origin is dict:  # a free table (optimizer_args): keys are checked where they are used
-        if not isinstance(value, dict):
-            raise UserError(f"{source}: {key} must be a table, e.g. {key} = {{ betas = [0.9, 0.99] }}, "
-                            f"got {_type_name(value)}")
-        _check_finite(value, key, source)
-        return dict(value)
-    if origin is list:
-        (item_type,) = args
-        if not isinstance(value, list):
-            raise UserError(f"{source}: {key} must be an array of {_hint_name(item_type)}s, got {_type_name(value)}")
-        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{source}: {key} must be a boolean (true or false), got {_type_name(value)} {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{source}: {key} must be an integer, got {_type_name(value)} {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{source}: {key} must be a number, got {_type_name(value)} {value!r}")
-        # TOML has nan and inf literals; no setting means anything with them (a NaN learning rate
-        # would train to NaN and fail only at export), so every float key refuses them here.
-        if not math.isfinite(value):
-            raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise UserError(f"{source}: {key} must be a string, got {_type_name(value)} {value!r}")
-        return value
-    raise TypeError(f"config field {key} has unsupported type {hint}")  # a bug in this module, not user input
-
-
-def _check_finite(value: Any, key: str, source: str) -> None:
-    """No nan or inf anywhere in a free table's numbers either (nested tables and arrays included)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_finite(v, f"{key}.{k}", source)
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_finite(v, f"{key}[{i}]", source)
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "a table"}.get(type(value), type(value).__name__)
-
-
-def _hint_name(hint: Any) -> str:
-    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(hint, str(hint))
 
 
 def _drop_none(value: Any) -> Any:

@@ -7,7 +7,8 @@ import logging
 import re
 from pathlib import Path
 
-from lora_offset.config import KOHYA_FOLDER, Config, DatasetConfig, SubsetConfig, _suggest
+from lora_offset.config import KOHYA_FOLDER, Config, DatasetConfig, SubsetConfig
+from lora_offset.config_values import suggest
 from lora_offset.errors import UserError
 
 log = logging.getLogger("lora_offset")
@@ -185,7 +186,7 @@ def _check_scheduler_name(name: str, source: str) -> None:
 
     names = [s.value for s in SchedulerType]
     if name not in names:
-        raise UserError(f"{source}: training.lr_scheduler {name!r} is not a scheduler{_suggest(name, names)}")
+        raise UserError(f"{source}: training.lr_scheduler {name!r} is not a scheduler{suggest(name, names)}")
 
 
 def _check_sample_settings(config: Config, source: str) -> None:
@@ -197,7 +198,7 @@ def _check_sample_settings(config: Config, source: str) -> None:
 
     def check(sampler: str, where: str) -> None:
         if sampler not in SAMPLERS:
-            raise UserError(f"{where}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{_suggest(sampler, SAMPLERS)}")
+            raise UserError(f"{where}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{suggest(sampler, SAMPLERS)}")
         if ztsnr and not sampler_supports_zero_terminal_snr(sampler):
             usable = ", ".join(n for n in SAMPLERS if sampler_supports_zero_terminal_snr(n))
             raise UserError(f"{where}: sampler {sampler!r} cannot sample with noise.zero_terminal_snr = true; use one of {usable}")

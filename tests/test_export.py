@@ -16,14 +16,8 @@ import torch
 from peft import LoraConfig
 
 from lora_offset.errors import UserError
-from lora_offset.formats.kohya import (
-    addnet_legacy_hash,
-    addnet_model_hash,
-    kohya_state_dict,
-    save_lora,
-    ss_metadata,
-    sshs_hashes,
-)
+from lora_offset.formats.kohya import kohya_state_dict, save_lora
+from lora_offset.formats.kohya_metadata import addnet_legacy_hash, addnet_model_hash, ss_metadata, sshs_hashes
 from lora_offset.formats.keys import SUFFIXES, kohya_name
 from lora_offset.training.networks import add_lora, text_encoder_lora_config, unet_lora_config
 

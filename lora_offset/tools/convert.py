@@ -68,7 +68,7 @@ def convert_modules(adapter: AdapterFile) -> tuple[dict, dict]:
 
 
 def conversion_metadata(summary: dict, output_name: str, source_name: str, source_metadata: dict) -> dict[str, str]:
-    from lora_offset.formats.kohya import derived_metadata
+    from lora_offset.formats.kohya_metadata import derived_metadata
 
     styles = ", ".join(f"{s} ({n})" for s, n in sorted(summary["input_key_styles"].items()))
     scales = ", ".join(f"{s} ({n})" for s, n in sorted(summary["scale_from"].items()))

@@ -60,7 +60,8 @@ def extract_file(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
                  allow_pickle: bool = False) -> dict:
     """Write the LoRA of `tuned` - `base` to OUT (atomic write); return a summary."""
     from lora_offset.formats import checkpoint
-    from lora_offset.formats.kohya import derived_metadata, save_lora, uniform_alpha_tensors
+    from lora_offset.formats.kohya import save_lora, uniform_alpha_tensors
+    from lora_offset.formats.kohya_metadata import derived_metadata
 
     out = Path(out)
     if out.suffix.lower() != ".safetensors":

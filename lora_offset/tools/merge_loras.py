@@ -70,7 +70,8 @@ def merge_modules(loras: Sequence[tuple[AdapterFile, float]], rank: int | None =
 def merge_lora_files(loras: Sequence[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
                      conv_rank: int | None = None, precision: str | None = None, allow_pickle: bool = False) -> dict:
     """Merge LoRA files (path, ratio) into one kohya LoRA file OUT (atomic write); return a summary."""
-    from lora_offset.formats.kohya import derived_metadata, precision_of, save_lora, uniform_alpha_tensors
+    from lora_offset.formats.kohya import precision_of, save_lora, uniform_alpha_tensors
+    from lora_offset.formats.kohya_metadata import derived_metadata
     from lora_offset.tools.merge import METADATA_KEY, file_sha256
 
     out = Path(out)

@@ -100,7 +100,8 @@ def resize_file(src: str | Path, dst: str | Path, *, rank: int | None = None, co
                 method: str | None = None, param: float | None = None, precision: str | None = None
                 ) -> list[Resized]:
     """Resize the LoRA file IN into OUT (atomic write); return the resized modules."""
-    from lora_offset.formats.kohya import derived_metadata, precision_of, save_lora, uniform_alpha_tensors
+    from lora_offset.formats.kohya import precision_of, save_lora, uniform_alpha_tensors
+    from lora_offset.formats.kohya_metadata import derived_metadata
 
     check_settings(rank, conv_rank, method, param)
     adapter = read_adapter(src, "resize")

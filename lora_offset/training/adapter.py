@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from lora_offset.config import Config
-from lora_offset.formats import kohya, lycoris
+from lora_offset.formats import kohya, kohya_metadata, lycoris
 from lora_offset.training import base_precision, models, optimizers
 from lora_offset.training.data.buckets import resolution_size
 from lora_offset.training.schedule import Calendar
@@ -23,7 +23,7 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
         state = kohya.kohya_state_dict(unet_model, te_model)
     else:
         state = lycoris.lycoris_state_dict(unet_model, te_model)
-    metadata = kohya.ss_metadata(
+    metadata = kohya_metadata.ss_metadata(
         output_name=t.output_name,
         network_dim=net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank,
         network_type=net.type,
