@@ -340,6 +340,42 @@ def test_metadata_switches_to_ztsnr_sampling(tiny_model_dir, lora_files, tmp_pat
     assert "v_prediction, zero terminal SNR True, trailing" in (tmp_path / "e" / "report.md").read_text()
 
 
+def test_sampler_and_max_token_length_reach_the_pipeline(tiny_model_dir, lora_files, tmp_path, monkeypatch):
+    """--sampler picks kohya's sampler for every setting; --max-token-length 150 encodes 150 prompt tokens (kohya's chunks, lora_offset.training.text)."""
+    from diffusers import StableDiffusionPipeline
+
+    seen = []
+    original = StableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        embeds = kwargs.get("prompt_embeds")
+        seen.append((type(self.scheduler).__name__, self.scheduler.config.timestep_spacing,
+                     None if embeds is None else embeds.shape[1]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    report = evaluate(str(tiny_model_dir), [LoraSpec(lora_files["a"]), LoraSpec(lora_files["ztsnr"])], ["x"],
+                      out=tmp_path / "e", sampler="euler_a", max_token_length=150, **FAST)
+    assert seen == [("EulerAncestralDiscreteScheduler", "leading", 152), ("EulerAncestralDiscreteScheduler", "leading", 152),
+                    ("EulerAncestralDiscreteScheduler", "trailing", 152)]  # ZTSNR keeps its schedule; 150 tokens + BOS + EOS
+    assert (report["config"]["sampler"], report["config"]["max_token_length"]) == ("euler_a", 150)
+    assert "2 euler_a steps" in (tmp_path / "e" / "report.md").read_text()
+    seen.clear()
+    evaluate(str(tiny_model_dir), [], ["x"], out=tmp_path / "d", **FAST)
+    assert seen == [("DDIMScheduler", "leading", None)]  # the defaults: DDIM, the pipeline's own 75-token encoding
+
+
+def test_bad_sampler_or_token_length_is_one_clear_error(tiny_model_dir, lora_files, tmp_path):
+    with pytest.raises(UserError, match=r"--sampler 'eulr_a' is not one of ddim, .*; did you mean 'euler_a'\?"):
+        evaluate("/nowhere", [], ["x"], out=tmp_path / "e", sampler="eulr_a", **FAST)
+    with pytest.raises(UserError, match="--max-token-length must be one of 75, 150, 225, got 100"):
+        evaluate("/nowhere", [], ["x"], out=tmp_path / "e", max_token_length=100, **FAST)
+    with pytest.raises(UserError, match=r"z.safetensors: was trained with zero terminal SNR, which --sampler heun "
+                                        r"cannot sample; use one of ddim, euler, "):
+        evaluate("/nowhere", [LoraSpec(lora_files["ztsnr"])], ["x"], out=tmp_path / "e", sampler="heun", **FAST)
+    assert not (tmp_path / "e").exists()  # refused before anything is loaded or written
+
+
 # ----------------------------------------------------------------------------- errors and CLI
 
 def test_missing_lora_file_is_a_user_error_before_loading(tmp_path):
@@ -386,11 +422,13 @@ def test_bad_numbers(tmp_path, kwargs, match):
 def test_cli_eval(tiny_model_dir, lora_files, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["eval", "--base", str(tiny_model_dir), "--lora", f"{lora_files['b']}:0.5", "--prompt", "a photo",
-               "--n", "2", "--steps", "2", "--resolution", "64", "--seed", "3", "--out", str(out)])
+               "--n", "2", "--steps", "2", "--resolution", "64", "--seed", "3", "--out", str(out),
+               "--sampler", "dpm++_2m_karras", "--max-token-length", "225"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report["settings"]) == ["base", "b@0.5"] and report["settings"]["b@0.5"]["weight"] == 0.5
     assert report["config"]["seed"] == 3
+    assert (report["config"]["sampler"], report["config"]["max_token_length"]) == ("dpm++_2m_karras", 225)
     captured = capsys.readouterr()
     assert "report:" in captured.out
     assert "[b@0.5] 2 images of 'a photo' (epsilon)" in captured.err

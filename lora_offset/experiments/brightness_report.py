@@ -121,7 +121,7 @@ def render_markdown(report: dict) -> str:
         "# Brightness report",
         "",
         f"Base `{cfg['base']}`, {cfg['n']} images per setting and prompt (seeds {cfg['seed']}..{cfg['seed'] + cfg['n'] - 1}), "
-        f"{cfg['steps']} DDIM steps, guidance {cfg['guidance_scale']}, {cfg['resolution']}x{cfg['resolution']}.",
+        f"{cfg['steps']} {cfg.get('sampler', 'ddim')} steps, guidance {cfg['guidance_scale']}, {cfg['resolution']}x{cfg['resolution']}.",
         "Luminance: Rec. 709 (0.2126 R + 0.7152 G + 0.0722 B) on sRGB values in [0, 1]. "
         "*Unclamped* is the mean before clamping the decode to [0, 1]: when it differs much from the "
         "mean, the images are noisy rather than gray.",

@@ -18,6 +18,7 @@ prompt, and luminance-histograms.png.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import platform
@@ -185,6 +186,7 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
              guidance_scale: float = 7.5, resolution: int = 512, allow_pickle: bool = False,
              negative_prompt: str = "", batch_size: int = 4, clip_skip: int = 1, components: dict | None = None,
              start_from_leak=None, leak_fraction: float = 1.0, include_base: bool = True,
+             sampler: str = "ddim", max_token_length: int = 75,
              log: Callable[[str], None] | None = None) -> dict:
     """Generate N images per setting and prompt, write the report files into `out`, return the report.
 
@@ -194,14 +196,18 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     dict) or scheduler} used instead of loading `base` (the demo and tests use it); they must not
     carry a LoRA already, and are moved to the evaluation device. `log` gets one progress line
     per setting and prompt. `clip_skip`: 2 encodes the prompts from CLIP's penultimate layer, as a
-    LoRA trained with training.clip_skip = 2 expects (lora_offset.training.text).
+    LoRA trained with training.clip_skip = 2 expects (lora_offset.training.text). `sampler`: kohya's
+    sampler names (ddim, euler_a, dpm++_2m_karras, ...; lora_offset.experiments.sample.SAMPLERS), built
+    from the model's training scheduler; `max_token_length` 75 | 150 | 225 (training.max_token_length).
 
     `start_from_leak`: a folder of images (or a lora_offset.experiments.leak.LeakStatistics): every
     image starts from sqrt(1 - abar) * noise + sqrt(abar) * leak, the leak's channel means drawn per
     image from the folder's latent channel-mean statistics and scaled by `leak_fraction` (Everaert
     et al. 2024; a training-free brightness fix). `include_base=False` skips the base-model setting.
     """
-    from lora_offset.experiments.sample import ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded, to_pil, to_unit_range
+    from lora_offset.experiments.sample import (SAMPLERS, ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded,
+                                                sampler_supports_zero_terminal_snr, to_pil, to_unit_range)
+    from lora_offset.training.text import MAX_TOKEN_LENGTHS
 
     specs = [s if isinstance(s, LoraSpec) else parse_lora_spec(s) if isinstance(s, str) else LoraSpec(Path(s[0]), float(s[1]))
              for s in loras]
@@ -214,7 +220,18 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
         raise UserError(f"--clip-skip must be at least 1 (1 = CLIP's last layer), got {clip_skip}")
     if resolution < 8 or resolution % 8:
         raise UserError(f"--resolution must be a positive multiple of 8, got {resolution}")
+    if sampler not in SAMPLERS:
+        close = difflib.get_close_matches(sampler, list(SAMPLERS), n=1, cutoff=0.5)
+        raise UserError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    if max_token_length not in MAX_TOKEN_LENGTHS:
+        raise UserError(f"--max-token-length must be one of {', '.join(map(str, MAX_TOKEN_LENGTHS))}, got {max_token_length}")
     lora_files = [read_lora_file(s.path) for s in specs]  # fail fast, before loading the base model
+    for spec, (_, metadata) in zip(specs, lora_files):
+        if sampling_from_metadata(metadata).zero_terminal_snr and not sampler_supports_zero_terminal_snr(sampler):
+            usable = ", ".join(name for name in SAMPLERS if sampler_supports_zero_terminal_snr(name))
+            raise UserError(f"{spec.path}: was trained with zero terminal SNR, which --sampler {sampler} cannot "
+                            f"sample; use one of {usable}")
 
     out = Path(out)
     if components is None:
@@ -235,7 +252,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     report = {"settings": {}, "config": {
         "base": str(base), "loras": [{"path": str(s.path), "weight": s.weight} for s in specs],
         "prompts": prompts, "n": n, "steps": steps, "seed": seed, "guidance_scale": guidance_scale,
-        "resolution": resolution, "negative_prompt": negative_prompt, "clip_skip": clip_skip, "device": str(device),
+        "resolution": resolution, "negative_prompt": negative_prompt, "clip_skip": clip_skip,
+        "max_token_length": max_token_length, "sampler": sampler, "device": str(device),
         "luminance": "Rec. 709 (0.2126 R + 0.7152 G + 0.0722 B) on sRGB values in [0, 1]",
         "start_from_leak": None if leak_stats is None else {
             "source": str(start_from_leak) if not hasattr(start_from_leak, "mean") else "statistics",
@@ -259,7 +277,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
             sampling = sampling_from_metadata(lora_files[index - 1][1])
         pipe = build_pipeline(components["unet"], components["vae"], components["text_encoder"],
                               components["tokenizer"], scheduler_config,
-                              prediction_type=sampling.prediction_type, zero_terminal_snr=sampling.zero_terminal_snr)
+                              prediction_type=sampling.prediction_type, zero_terminal_snr=sampling.zero_terminal_snr,
+                              sampler=sampler)
         adapter = f"eval_{index}"
         if spec is not None:
             _load_lora(pipe, spec, lora_files[index - 1][0], adapter)
@@ -277,7 +296,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
                         f"{', zero terminal SNR' if sampling.zero_terminal_snr else ''})")
                 decoded = generate_decoded(pipe, [prompt] * n, seeds, steps=steps, guidance_scale=guidance_scale,
                                            height=resolution, width=resolution, negative_prompt=negative_prompt,
-                                           batch_size=batch_size, clip_skip=clip_skip, leaks=leaks).numpy()
+                                           batch_size=batch_size, clip_skip=clip_skip,
+                                           max_token_length=max_token_length, leaks=leaks).numpy()
                 images = to_unit_range(decoded)
                 stats = brightness_stats(images, unclamped=np.transpose(decoded, (0, 2, 3, 1)) / 2 + 0.5)
                 grid_name = f"grid_{name}_{p_index:02d}_{_slug(prompt)}.png"
@@ -317,7 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT")
     parser.add_argument("--n", type=int, default=16, help="images per setting and prompt (default 16)")
-    parser.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    parser.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    parser.add_argument("--sampler", default="ddim", metavar="NAME",
+                        help="kohya's sampler names: ddim (default), euler, euler_a, dpm++_2m_karras, ...")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--out", default="eval", metavar="DIR", help="output folder (default ./eval)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -326,6 +348,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-skip", type=int, default=1, metavar="N",
                         help="encode prompts from CLIP's N-th layer from the end, as the LoRA was trained "
                              "(training.clip_skip; default 1 = the last layer)")
+    parser.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
+                        help="prompt tokens the text encoder sees, as the LoRA was trained (training.max_token_length; default 75)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt) base checkpoint (weights only)")
     parser.add_argument("--start-from-leak", metavar="DIR",
                         help="start sampling from the signal leak of these images' latent channel means "
@@ -339,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
                       allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                       clip_skip=args.clip_skip, start_from_leak=args.start_from_leak, leak_fraction=args.leak_fraction,
+                      sampler=args.sampler, max_token_length=args.max_token_length,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
     for name, entry in report["settings"].items():
         for prompt, s in entry["prompts"].items():
