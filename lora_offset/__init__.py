@@ -27,8 +27,16 @@ Every noise function takes a `torch.Generator | None` and touches no global rand
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft) warns at import, on CPUs with AVX512-BF16, that it could not load
+# an optional CPU kernel from the `kernels` package. Nothing here uses it (NF4 bases run on CPU
+# without it, tests/test_base_precision.py), and the notice would open every command's output.
+OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith(OPTIONAL_KERNEL_NOTICE))
 
 _PUBLIC = {
     "offset_noise": "lora_offset.training.noise",

@@ -26,6 +26,20 @@ def test_import_is_cheap_and_lists_the_public_names():
                                "export_kohya"])), "False"]
 
 
+def test_bitsandbytes_optional_kernel_notice_is_dropped_and_other_warnings_are_not(caplog):
+    """The notice comes only on some CPUs, so the filter is checked by logging the notice itself."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("%s: No module named 'kernels'. Please make sure ...", lora_offset.OPTIONAL_KERNEL_NOTICE)
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+    done = subprocess.run([sys.executable, "-m", "lora_offset", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stderr == ""
+
+
 def test_public_names_are_the_package_functions():
     from lora_offset import config, api
     from lora_offset.formats import kohya
