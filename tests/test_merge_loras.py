@@ -110,6 +110,33 @@ def test_merged_lora_acts_like_the_two_loras_and_loads_everywhere(two_loras, tin
             torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_quantized_base_note_survives_the_merge(two_loras, tmp_path, tiny_model_dir, caplog):
+    """A LoRA trained on an NF4 base keeps saying so after a LoRA merge, so `merge --base` still warns."""
+    import logging
+
+    from lora_offset.formats.kohya import save_lora
+    from lora_offset.tools.merge_loras import merge_lora_files
+    from lora_offset.tools.resize import resize_file
+
+    tensors = safetensors.torch.load_file(two_loras[1])
+    nf4 = save_lora(tmp_path / "nf4.safetensors", tensors, {"ss_base_model_version": "sd_v1",
+                                                            "lora_offset.base_precision": "nf4"})
+    merged = tmp_path / "merged.safetensors"
+    merge_lora_files([(two_loras[0], 1.0), (nf4, 0.5)], merged)
+    meta = read_adapter(merged, "test").metadata
+    assert meta["lora_offset.base_precision"] == "nf4"
+    assert [e.get("trained_on_base_precision") for e in json.loads(meta["lora_offset.merged_loras"])] == [None, "nf4"]
+    plain = tmp_path / "plain.safetensors"
+    merge_lora_files([(two_loras[0], 1.0), (two_loras[1], 0.5)], plain)
+    assert "lora_offset.base_precision" not in read_adapter(plain, "test").metadata
+    resized = tmp_path / "resized.safetensors"
+    resize_file(merged, resized, rank=2)
+    assert read_adapter(resized, "test").metadata["lora_offset.base_precision"] == "nf4"  # derived files keep it
+    with caplog.at_level(logging.WARNING, logger="lora_offset"):
+        merge_checkpoint(tiny_model_dir, [(resized, 1.0)], tmp_path / "model")
+    assert "note: resized.safetensors was trained against an NF4 (4-bit) copy of its base UNet" in caplog.text
+
+
 def test_bad_arguments(two_loras, tmp_path, capsys, tiny_model_dir):
     out = tmp_path / "c.safetensors"
     for argv, message in [

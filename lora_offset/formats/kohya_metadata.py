@@ -31,6 +31,10 @@ NOISE_METADATA_KEYS = {
     "min_snr_gamma": "ss_min_snr_gamma",
 }
 
+# lora-offset's own keys that belong to the training record, so files made from a LoRA keep them
+# (merge --base warns about a LoRA trained on a quantized base: training/base_precision.py).
+CARRIED_KEYS = ("lora_offset.base_precision",)
+
 LEGACY_HASH_START = 0x100000
 LEGACY_HASH_LENGTH = 0x10000
 
@@ -150,14 +154,15 @@ def derived_metadata(source: Mapping[str, str], *, output_name: str, network_dim
                      network_module: str = "networks.lora") -> dict[str, str]:
     """Metadata of a LoRA made from other files (convert, resize, merge, extract).
 
-    Keeps the source's `ss_*` and `modelspec.*` fields (its training record; not its hashes: save_lora
-    computes new ones) and replaces those that describe this file. `comment` goes in front of the
-    source's `ss_training_comment`, as kohya's resize_lora.py does.
+    Keeps the source's `ss_*` and `modelspec.*` fields and `lora_offset.base_precision` (its training
+    record; not its hashes: save_lora computes new ones) and replaces those that describe this file.
+    `comment` goes in front of the source's `ss_training_comment`, as kohya's resize_lora.py does.
     """
     def number(x) -> str:
         return x if isinstance(x, str) else str(int(x)) if float(x).is_integer() else repr(float(x))
 
-    carried = {k: v for k, v in source.items() if k.startswith(("ss_", "modelspec.")) and k != "modelspec.hash_sha256"}
+    carried = {k: v for k, v in source.items() if (k.startswith(("ss_", "modelspec.")) or k in CARRIED_KEYS)
+               and k != "modelspec.hash_sha256"}
     previous = carried.get("ss_training_comment")
     metadata = {"ss_base_model_version": "sd_v1", "ss_v2": "False", **carried,
                 "ss_network_module": network_module,

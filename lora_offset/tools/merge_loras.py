@@ -23,6 +23,7 @@ import torch
 
 from lora_offset import lowrank
 from lora_offset.errors import UserError
+from lora_offset.training import base_precision
 from lora_offset.formats.modules import AdapterModule
 from lora_offset.formats.reader import AdapterFile, read_adapter
 
@@ -89,16 +90,21 @@ def merge_lora_files(loras: Sequence[tuple[str | Path, float]], out: str | Path,
     modules = merge_modules(adapters, rank, conv_rank)
     state, file_alpha, _ = uniform_alpha_tensors(modules)
 
-    record = []
+    record, quantized = [], []
     for adapter, ratio in adapters:
         entry = {"file": adapter.path.name, "sha256": file_sha256(adapter.path), "ratio": ratio}
         if adapter.metadata.get("sshs_model_hash"):
             entry["sshs_model_hash"] = adapter.metadata["sshs_model_hash"]
+        if trained_on := base_precision.quantized_base(adapter.metadata):
+            entry["trained_on_base_precision"] = trained_on
+            quantized.append(trained_on)
         record.append(entry)
     how = "concatenated (exact)" if rank is None else f"SVD to rank {rank}" + (f", conv {conv_rank}" if conv_rank else "")
     names = " + ".join(f"{a.path.name}:{r:g}" for a, r in adapters)
     versions = {a.metadata.get("ss_base_model_version") for a, _ in adapters}
     source = {"ss_base_model_version": versions.pop()} if len(versions) == 1 and None not in versions else {}
+    if quantized:  # so `merge --base` of the merged file still warns; NF4 when mixed (the coarser rounding)
+        source["lora_offset.base_precision"] = "nf4" if "nf4" in quantized else quantized[0]
     ranks = collections.Counter(m[3] for m in modules)
     metadata = derived_metadata(source, output_name=out.stem,
                                 network_dim=ranks.most_common(1)[0][0] if len(ranks) == 1 else "Dynamic",
