@@ -155,6 +155,7 @@ def test_shipped_weights_are_small_and_carry_their_recipe():
     assert ASSET.stat().st_size <= 25 * 2**20
     record = demo_base.read_record(ASSET)
     assert record["unet_steps_done"] == record["settings"]["unet_steps"] >= 1000
+    assert "vae_loaded_from" not in record and record["settings"]["seed"] == 0  # one run from scratch, seed 0
     assert record["latent_amplitude"] == demo_base.LATENT_AMPLITUDE == 4
     # colour and brightness survive the VAE (8x8-cell colours within a few percent)
     assert record["vae_checks"]["cell_colour_rmse"] < 0.08 and record["vae_checks"]["brightness_abs_error"] < 0.03
