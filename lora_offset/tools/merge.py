@@ -142,20 +142,26 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
         path = adapter.path
         modules = {m.kohya_key: m for m in adapter.modules.values()}
         parsed.append((path.name, modules, float(ratio)))
-        entry = {"file": path.name, "sha256": file_sha256(path), "ratio": float(ratio)}
-        model_hash = adapter.metadata.get("sshs_model_hash")
-        if model_hash:
-            entry["sshs_model_hash"] = model_hash
-        quantized = base_precision.quantized_base(adapter.metadata)
-        if quantized:
-            entry["trained_on_base_precision"] = quantized
-            log.warning("%s", base_precision.merge_note(path.name, quantized))
+        entry = source_record(adapter, ratio)
+        if "trained_on_base_precision" in entry:
+            log.warning("%s", base_precision.merge_note(path.name, entry["trained_on_base_precision"]))
         record.append(entry)
     # METADATA_KEY holds a list here: _output_metadata appends it to the base's own record.
     metadata = {"lora_offset.merge_precision": precision or "base", METADATA_KEY: record}
     if base.is_dir():
         return _merge_diffusers_folder(base, parsed, out, dtype, metadata)
     return _merge_single_file(base, parsed, out, dtype, metadata, allow_pickle)
+
+
+def source_record(adapter, ratio: float) -> dict:
+    """One merged LoRA as the output's METADATA_KEY list records it: file, sha256, ratio, its own
+    sshs_model_hash, and the quantized base it trained against (if any)."""
+    entry = {"file": adapter.path.name, "sha256": file_sha256(adapter.path), "ratio": float(ratio)}
+    if adapter.metadata.get("sshs_model_hash"):
+        entry["sshs_model_hash"] = adapter.metadata["sshs_model_hash"]
+    if quantized := base_precision.quantized_base(adapter.metadata):
+        entry["trained_on_base_precision"] = quantized
+    return entry
 
 
 def _output_metadata(base_metadata: Mapping[str, str], merge_metadata: Mapping[str, object]) -> dict[str, str]:

@@ -23,7 +23,6 @@ import torch
 
 from lora_offset import lowrank
 from lora_offset.errors import UserError
-from lora_offset.training import base_precision
 from lora_offset.formats.modules import AdapterModule
 from lora_offset.formats.reader import AdapterFile, read_adapter
 
@@ -73,7 +72,7 @@ def merge_lora_files(loras: Sequence[tuple[str | Path, float]], out: str | Path,
     """Merge LoRA files (path, ratio) into one kohya LoRA file OUT (atomic write); return a summary."""
     from lora_offset.formats.kohya import precision_of, save_lora, uniform_alpha_tensors
     from lora_offset.formats.kohya_metadata import derived_metadata
-    from lora_offset.tools.merge import METADATA_KEY, file_sha256
+    from lora_offset.tools.merge import METADATA_KEY, source_record
 
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
@@ -90,15 +89,8 @@ def merge_lora_files(loras: Sequence[tuple[str | Path, float]], out: str | Path,
     modules = merge_modules(adapters, rank, conv_rank)
     state, file_alpha, _ = uniform_alpha_tensors(modules)
 
-    record, quantized = [], []
-    for adapter, ratio in adapters:
-        entry = {"file": adapter.path.name, "sha256": file_sha256(adapter.path), "ratio": ratio}
-        if adapter.metadata.get("sshs_model_hash"):
-            entry["sshs_model_hash"] = adapter.metadata["sshs_model_hash"]
-        if trained_on := base_precision.quantized_base(adapter.metadata):
-            entry["trained_on_base_precision"] = trained_on
-            quantized.append(trained_on)
-        record.append(entry)
+    record = [source_record(adapter, ratio) for adapter, ratio in adapters]
+    quantized = [e["trained_on_base_precision"] for e in record if "trained_on_base_precision" in e]
     how = "concatenated (exact)" if rank is None else f"SVD to rank {rank}" + (f", conv {conv_rank}" if conv_rank else "")
     names = " + ".join(f"{a.path.name}:{r:g}" for a, r in adapters)
     versions = {a.metadata.get("ss_base_model_version") for a, _ in adapters}
