@@ -132,6 +132,13 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
 
 
+@torch.no_grad()
+def reconstruct(vae, images: np.ndarray, chunk: int = 64) -> torch.Tensor:
+    """Encode and decode (N, H, W, 3) pictures in [0, 1]: raw decodes (N, 3, H, W) in [-1, 1]."""
+    x = to_model_range(images)
+    return torch.cat([vae.decode(vae.encode(x[i:i + chunk]).latent_dist.mean).sample for i in range(0, len(x), chunk)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: VAE first, then UNet and text encoder together on cached latents
 

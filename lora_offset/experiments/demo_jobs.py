@@ -58,7 +58,7 @@ def luminance_of(decoded: torch.Tensor) -> np.ndarray:
 
 def luminance_of_pixels(decoded: torch.Tensor) -> np.ndarray:
     """(N, H, W) Rec. 709 luminance of raw decodes (N, 3, H, W) in [-1, 1], clamped to [0, 1]."""
-    from lora_offset.experiments.evaluate import luminance
+    from lora_offset.experiments.brightness_report import luminance
     from lora_offset.experiments.sample import to_unit_range
 
     return luminance(to_unit_range(decoded))
@@ -74,15 +74,6 @@ def circles_of(hue: str, p: dict) -> np.ndarray:
     attrs = [dataclasses.replace(demo_world.draw_attributes(rng), colour=hue, shape="circle")
              for _ in range(p["gate_pictures"])]
     return np.stack([demo_world.render(a, p["resolution"]) for a in attrs]).astype(np.float32)
-
-
-@torch.no_grad()
-def reconstruct(vae, images: np.ndarray, chunk: int = 64) -> torch.Tensor:
-    """Encode and decode (N, H, W, 3) pictures in [0, 1]: raw decodes (N, 3, H, W) in [-1, 1]."""
-    from lora_offset.experiments.demo_base import to_model_range
-
-    x = to_model_range(images)
-    return torch.cat([vae.decode(vae.encode(x[i:i + chunk]).latent_dist.mean).sample for i in range(0, len(x), chunk)])
 
 
 def sample(pipe, prompt: str, p: dict, leaks: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
@@ -125,6 +116,7 @@ def control_template(components: dict, p: dict) -> dict:
     luminance, and how much of the drawn pattern survives the VAE."""
     from lora_offset.experiments.brightness_report import luminance
     from lora_offset.experiments.demo import stripes_image
+    from lora_offset.experiments.demo_base import reconstruct
 
     drawn = stripes_image(p["resolution"])
     rec = luminance_of_pixels(reconstruct(components["vae"], drawn[None]))[0]
@@ -222,6 +214,8 @@ def job_gates(out: Path) -> dict:
     redness = lambda d: (d[:, 0] - d[:, 2]).mean(dim=(1, 2)).numpy() / 2  # noqa: E731  (R - B in [0, 1] units)
     red, blue = (sample(pipe, f"a photo of a {hue} circle", p) for hue in ("red", "blue"))
     colour_gap = float((redness(red) - redness(blue)).mean())
+    from lora_offset.experiments.demo_base import reconstruct
+
     shown = {hue: reconstruct(c["vae"], circles_of(hue, p)) for hue in ("red", "blue")}
     reachable_gap = float(redness(shown["red"]).mean() - redness(shown["blue"]).mean())
     inst = sample(pipe, p["instance_prompt"], p)
