@@ -239,8 +239,9 @@ def render_report(r: dict) -> str:
                      f"{s['loss']['flattened']} |")
     c = r["control"]
     nan = float("nan")
+    base_score = nan if c.get("base_pattern_score") is None else c["base_pattern_score"]  # 0.0 is a score
     lines += ["", f"**Positive control** (mid-grey stripes instance, standard noise): learned = **{c['learned']}** "
-                  f"(pattern score {c.get('pattern_score', nan):.2f}, the base's {c.get('base_pattern_score') or nan:.2f}, "
+                  f"(pattern score {c.get('pattern_score', nan):.2f}, the base's {base_score:.2f}, "
                   f"the VAE keeps {c.get('pattern_kept_by_vae', nan):.2f} of the drawn pattern; luminance error "
                   f"{c.get('luminance_error', nan):.3f}; loss flattened {c.get('loss_flattened')}; rule: {c.get('rule', '')}).",
               "", "## The prediction, fixed in advance", "", "| item | value | rule | verdict |", "|---|---|---|---|"]
