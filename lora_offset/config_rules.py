@@ -191,7 +191,7 @@ def _check_scheduler_name(name: str, source: str) -> None:
 
 def _check_sample_settings(config: Config, source: str) -> None:
     """training.sample_sampler and the sample prompts (a prompt file is read here: errors come before loading)."""
-    from lora_offset.experiments.sample import SAMPLERS, sampler_supports_zero_terminal_snr
+    from lora_offset.experiments.sample import SAMPLERS, sampler_supports_zero_terminal_snr, zero_terminal_snr_samplers
     from lora_offset.formats.sample_prompts import prompts_from_config
 
     t, ztsnr = config.training, config.noise.zero_terminal_snr
@@ -200,7 +200,7 @@ def _check_sample_settings(config: Config, source: str) -> None:
         if sampler not in SAMPLERS:
             raise UserError(f"{where}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{suggest(sampler, SAMPLERS)}")
         if ztsnr and not sampler_supports_zero_terminal_snr(sampler):
-            usable = ", ".join(n for n in SAMPLERS if sampler_supports_zero_terminal_snr(n))
+            usable = ", ".join(zero_terminal_snr_samplers())
             raise UserError(f"{where}: sampler {sampler!r} cannot sample with noise.zero_terminal_snr = true; use one of {usable}")
 
     check(t.sample_sampler, f"{source}: training.sample_sampler")

@@ -206,7 +206,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     et al. 2024; a training-free brightness fix). `include_base=False` skips the base-model setting.
     """
     from lora_offset.experiments.sample import (SAMPLERS, ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded,
-                                                sampler_supports_zero_terminal_snr, to_pil, to_unit_range)
+                                                sampler_supports_zero_terminal_snr, to_pil, to_unit_range,
+                                                zero_terminal_snr_samplers)
     from lora_offset.training.text import MAX_TOKEN_LENGTHS
 
     specs = [s if isinstance(s, LoraSpec) else parse_lora_spec(s) if isinstance(s, str) else LoraSpec(Path(s[0]), float(s[1]))
@@ -229,7 +230,7 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     lora_files = [read_lora_file(s.path) for s in specs]  # fail fast, before loading the base model
     for spec, (_, metadata) in zip(specs, lora_files):
         if sampling_from_metadata(metadata).zero_terminal_snr and not sampler_supports_zero_terminal_snr(sampler):
-            usable = ", ".join(name for name in SAMPLERS if sampler_supports_zero_terminal_snr(name))
+            usable = ", ".join(zero_terminal_snr_samplers())
             raise UserError(f"{spec.path}: was trained with zero terminal SNR, which --sampler {sampler} cannot "
                             f"sample; use one of {usable}")
 

@@ -70,6 +70,11 @@ def sampler_supports_zero_terminal_snr(name: str) -> bool:
     return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters
 
 
+def zero_terminal_snr_samplers() -> list[str]:
+    """The sampler names that can sample a zero-terminal-SNR model, in SAMPLERS' order."""
+    return [name for name in SAMPLERS if sampler_supports_zero_terminal_snr(name)]
+
+
 def sampling_scheduler(scheduler_config: dict, sampler: str = "ddim", *, prediction_type: str = "epsilon",
                        zero_terminal_snr: bool = False):
     """The diffusers scheduler of a kohya sampler name, built from the training scheduler's config.
@@ -83,7 +88,7 @@ def sampling_scheduler(scheduler_config: dict, sampler: str = "ddim", *, predict
         raise ValueError(f"unknown sampler {sampler!r}; samplers: {', '.join(SAMPLERS)}")
     if zero_terminal_snr and not sampler_supports_zero_terminal_snr(sampler):
         raise ValueError(f"sampler {sampler!r} cannot sample a zero-terminal-SNR model; use one of "
-                         f"{', '.join(n for n in SAMPLERS if sampler_supports_zero_terminal_snr(n))}")
+                         f"{', '.join(zero_terminal_snr_samplers())}")
     class_name, arguments = SAMPLERS[sampler]
     config = sampling_scheduler_config(scheduler_config, prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr)
     return getattr(diffusers, class_name).from_config({**config, **arguments})
