@@ -2,12 +2,12 @@
 
     python scripts/demo_budget.py --out budget-out [--rungs 100 200 300 400]
 
-Trains ONLY the positive-control arm (mid-grey stripes instance, standard noise: nothing blocks it)
+Trains ONLY the positive-control arm (solid mid-grey instance, standard noise: nothing blocks it)
 with the protocol's settings to the largest rung, saving the adapter at every rung (the schedule is
 constant after warm-up, so the adapter at step S is what an S-step run ends with), then judges the
 instance prompt at each rung with the protocol's sampler and demo_report.judge_control's rule
-(pattern score, brightness, loss flattened). The black-instance arms are never run here: nothing
-it prints can depend on their outcome. Protocol v3 chose its budget with it; v4 fixes the budget
+(flattening toward the instance, brightness, loss flattened). The black-instance arms are never run here: nothing
+it prints can depend on their outcome. Protocol v3 chose its budget with it; v4 and v5 fix the budget
 (the largest that fits the 10-minute limit) and records this curve as evidence.
 """
 
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     print(f"trained {rungs[-1]} steps in {trained['seconds']:.0f} s", flush=True)
 
     components = demo_jobs.load_base(out)
-    base = {"control_reference": {"base_pattern_score": demo_jobs.control_check(
-        demo_jobs.pipeline(components), components, protocol)["pattern_score"]}}
+    base = {"control_reference": {"base_spread": demo_jobs.control_check(
+        demo_jobs.pipeline(components), components, protocol)["spread"]}}
     rows = []
     for rung in rungs:
         name = "control" if rung == rungs[-1] else f"control-step{rung:06d}"

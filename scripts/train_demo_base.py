@@ -1,11 +1,13 @@
 """Train the demo's base model (lora_offset/experiments/demo_base.py) and write lora_offset/assets/demo_base.safetensors.
 
-    python scripts/train_demo_base.py [--vae-crop-steps 1000] [--vae-full-steps 300] [--unet-steps 2000] [--out PATH] [--work DIR]
+    python scripts/train_demo_base.py [--vae-crop-steps 1000] [--vae-full-steps 300] [--text-steps 300]
+                                      [--unet-steps 2000] [--loss-weighting v] [--out PATH] [--work DIR]
 
 One torch thread (small models on a shared CPU run fastest that way). Stages: VAE on fresh
 demo_world pictures (64x64 crops, then whole 128x128 pictures) -> latents of --latent-images
-pictures, scaling factor = LATENT_AMPLITUDE / std -> UNet under the frozen random text encoder
-(epsilon, SD's schedule, captions drawn fresh each step, EMA) -> fp16 safetensors with the settings, losses,
+pictures, scaling factor = LATENT_AMPLITUDE / std -> the text encoder learns what captions say
+(--text-steps, then frozen) -> UNet under the frozen text encoder (epsilon prediction with the v loss's
+weights, SD's schedule, captions drawn fresh each step, EMA) -> fp16 safetensors with the settings, losses,
 timings and VAE checks in its metadata. Every random draw is seeded by --seed: the same command on
 the same software gives the same file. `--work DIR` keeps the trained VAE so a second run can skip it.
 """
@@ -52,7 +54,12 @@ def main(argv=None) -> int:
     p.add_argument("--unet-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--text-lr", type=float, default=0.0, help="0 keeps the text encoder frozen (see demo_base)")
+    p.add_argument("--text-lr", type=float, default=0.0,
+                   help="0 keeps the text encoder frozen while the UNet learns (see demo_base)")
+    p.add_argument("--text-steps", type=int, default=300,
+                   help="steps (batch 64) in which the text encoder first learns what captions say; 0 keeps its random init")
+    p.add_argument("--loss-weighting", choices=db.LOSS_WEIGHTINGS, default="v",
+                   help="epsilon MSE weighted as SD 1.5 (epsilon) or as the v-prediction loss (v)")
     p.add_argument("--high-noise-share", type=float, default=0.3,
                    help="share of timesteps drawn from [--high-noise-from, 1000), where the text matters most")
     p.add_argument("--high-noise-from", type=int, default=db.HIGH_NOISE_FROM)
@@ -105,6 +112,13 @@ def main(argv=None) -> int:
     record["timings_s"]["latents"] = round(time.perf_counter() - t0, 1)
     log(f"latents {tuple(latents.shape)} scaling_factor {scaling:.4f} channel means by brightness {by_word}")
 
+    if args.text_steps:
+        t0 = time.perf_counter()
+        text_losses = db.train_text_encoder_on_captions(c["text_encoder"], c["tokenizer"], args.text_steps,
+                                                        seed=args.seed + 3, log=log)
+        record["timings_s"]["text"] = round(time.perf_counter() - t0, 1)
+        record["text_final_loss"] = round(float(np.mean(text_losses[-50:])), 5)
+
     t0 = time.perf_counter()
 
     def checkpoint(ema_unet, ema_text, step, losses):
@@ -116,7 +130,7 @@ def main(argv=None) -> int:
     ema_unet, ema_text, losses = db.train_unet_and_text(
         c["unet"], c["text_encoder"], c["tokenizer"], latents, attrs, steps=args.unet_steps,
         batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr, high_noise_share=args.high_noise_share,
-        high_noise_from=args.high_noise_from,
+        high_noise_from=args.high_noise_from, loss_weighting=args.loss_weighting,
         seed=args.seed, log=log,
         on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
     record["unet_steps_done"] = args.unet_steps

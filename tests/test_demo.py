@@ -73,6 +73,68 @@ def test_captions_drop_words_at_the_stated_rates_and_never_say_sks():
     assert full == f"a {attrs[0].brightness} photo of a {attrs[0].colour} {attrs[0].shape} on a {attrs[0].background} background"
 
 
+def test_caption_labels_read_back_every_part_a_caption_keeps():
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        a = demo_world.draw_attributes(rng)
+        for keep in itertools.product((True, False), repeat=4):
+            kb, ko, kc, kg = keep
+            labels = demo_world.caption_labels(a.caption(keep))
+            assert labels == (
+                list(demo_world.BRIGHTNESS).index(a.brightness) + 1 if kb else 0,
+                list(demo_world.HUES).index(a.colour) + 1 if ko and kc else 0,
+                demo_world.SHAPES.index(a.shape) + 1 if ko else 0,
+                demo_world.BACKGROUNDS.index(a.background) + 1 if kg else 0,
+            ), a.caption(keep)
+    assert demo_world.caption_labels("") == (0, 0, 0, 0)
+    assert demo_world.caption_labels("a very dark photo")[0] == 1 and demo_world.caption_labels("a dark photo")[0] == 2
+    assert demo_world.caption_labels("a very bright photo")[0] == 5 and demo_world.caption_labels("a bright photo")[0] == 4
+
+
+def test_v_loss_weighting_is_exactly_the_v_prediction_loss():
+    g = torch.Generator().manual_seed(0)
+    x0, eps, eps_hat = (torch.randn(6, 4, 8, 8, generator=g) for _ in range(3))
+    abar = torch.tensor([0.999, 0.9, 0.5, 0.1, 0.01, 0.0047])
+    a = abar.view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x0_hat = (xt - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    v, v_hat = a.sqrt() * eps - (1 - a).sqrt() * x0, a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat
+    eps_mse = ((eps - eps_hat) ** 2).mean(dim=(1, 2, 3))
+    v_mse = ((v - v_hat) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(demo_base.loss_weights(abar, "v") * eps_mse, v_mse, rtol=1e-4)
+    assert torch.equal(demo_base.loss_weights(abar, "epsilon"), torch.ones(6))
+    with pytest.raises(ValueError, match="epsilon"):
+        demo_base.loss_weights(abar, "x0")
+
+
+def test_text_encoder_learns_to_put_the_caption_into_every_state(tmp_path):
+    """The pre-training stage: after it, swapping the colour word moves the padding states (the bulk
+    of the UNet's 77 cross-attention keys) far more than at the random init."""
+    from lora_offset.training.text import encode_prompts
+
+    torch.set_num_threads(1)
+    c = demo_base.build_components(seed=0, tokenizer_dir=tmp_path / "tok")
+    prompts = ["a photo of a red circle", "a photo of a blue circle"]
+
+    def pad_change():
+        with torch.no_grad():
+            s = encode_prompts(c["tokenizer"], c["text_encoder"], prompts)[:, 10:]
+        return float((s[0] - s[1]).norm(dim=-1).mean() / s[0].norm(dim=-1).mean())
+
+    embeddings = c["text_encoder"].get_input_embeddings().weight
+    letter = c["tokenizer"].convert_tokens_to_ids("k")
+    before, letter_before = pad_change(), embeddings[letter].clone()
+    losses = demo_base.train_text_encoder_on_captions(c["text_encoder"], c["tokenizer"], steps=60, batch_size=32,
+                                                      log_every=0)
+    after = pad_change()
+    assert before < 0.1 and after > 3 * before, (before, after)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    # a letter of "sks" never appears in a caption: no gradient, no weight decay, so it keeps its init
+    assert torch.equal(embeddings[letter], letter_before)
+
+
 def test_word_tokenizer_keeps_words_whole_and_splits_the_rare_token(tmp_path):
     from transformers import CLIPTokenizer
 
@@ -170,7 +232,7 @@ def test_base_training_script_is_reproducible_from_its_seed(tmp_path):
     from safetensors.torch import load_file
 
     script = Path(__file__).parent.parent / "scripts" / "train_demo_base.py"
-    tiny = ["--vae-crop-steps", "2", "--vae-full-steps", "1", "--latent-images", "16", "--unet-steps", "3",
+    tiny = ["--vae-crop-steps", "2", "--vae-full-steps", "1", "--latent-images", "16", "--text-steps", "2", "--unet-steps", "3",
             "--batch-size", "2", "--checkpoint-every", "1000"]
     runs = {}
     for name, seed in (("first", "0"), ("again", "0"), ("other", "1")):
@@ -279,7 +341,7 @@ def test_arms_share_one_budget_and_differ_only_in_noise_and_instance(tmp_path):
         assert [s.class_tokens for s in subsets] == [demo.INSTANCE_PROMPT, demo.CLASS_PROMPT]
         assert subsets[1].caption_dropout_rate == demo.PROTOCOL["class_caption_dropout"]
         assert subsets[0].caption_dropout_rate == 0
-    assert parsed["control"].dataset.subsets[0].image_dir.endswith("stripes")
+    assert parsed["control"].dataset.subsets[0].image_dir.endswith("grey")
     strip = lambda c: {k: v for k, v in c.items() if k not in ("noise", "training")}  # noqa: E731
     assert strip(configs["standard"]) == strip(configs["offset"])
     train_parts = [{k: v for k, v in c["training"].items() if k not in ("output_dir", "output_name")}
@@ -338,35 +400,44 @@ def test_prediction_is_judged_item_by_item_with_the_fixed_rules():
     assert failed == {"standard_instance_gray", "offset_instance_dark", "standard_first_step_gray", "offset_first_step_dark"}
 
 
-def _control(score, lum=0.5, flattened=True):
+def _control(spread, lum=0.5, flattened=True, template_spread=0.01):
     return {"loss": {"flattened": flattened},
-            "control_check": {"pattern_score": score, "mean_luminance": lum, "template_mean_luminance": 0.5,
-                              "pattern_kept_by_vae": 0.9}}
+            "control_check": {"spread": spread, "mean_luminance": lum, "template_mean_luminance": 0.5,
+                              "template_spread": template_spread}}
 
 
-def test_positive_control_needs_its_pattern_its_brightness_and_a_flat_loss():
+def test_positive_control_needs_flat_samples_its_brightness_and_a_flat_loss():
     p = demo.PROTOCOL
-    base = {"control_reference": {"base_pattern_score": 0.01}}
-    verdict = demo_report.judge_control(_control(0.6), base, p)
-    assert verdict["learned"] and verdict["base_pattern_score"] == 0.01
-    assert not demo_report.judge_control(_control(0.4), base, p)["learned"]  # too little of the pattern
-    assert not demo_report.judge_control(_control(0.6, lum=0.65), base, p)["learned"]  # wrong brightness
-    assert not demo_report.judge_control(_control(0.6, flattened=False), base, p)["learned"]
+    base = {"control_reference": {"base_spread": 0.09}}
+    verdict = demo_report.judge_control(_control(0.04), base, p)  # (0.09 - 0.04) / (0.09 - 0.01) of the way
+    assert verdict["learned"] and verdict["flattening"] == pytest.approx(0.625) and verdict["base_spread"] == 0.09
+    assert demo_report.judge_control(_control(0.049), base, p)["learned"]  # just past halfway
+    assert not demo_report.judge_control(_control(0.051), base, p)["learned"]  # not flat enough
+    assert not demo_report.judge_control(_control(0.12), base, p)["learned"]  # more uneven than the base
+    assert not demo_report.judge_control(_control(0.04, lum=0.65), base, p)["learned"]  # wrong brightness
+    assert not demo_report.judge_control(_control(0.04, flattened=False), base, p)["learned"]
+    # the base already as flat as the VAE's picture of the instance: nothing to learn, so no pass
+    none_left = demo_report.judge_control(_control(0.0, template_spread=0.09), base, p)
+    assert not none_left["learned"] and none_left["flattening"] is None
     assert demo_report.judge_control(None, base, p) == {"learned": False, "reason": "no control arm"}
 
 
-def test_pattern_score_measures_the_share_of_the_pattern_and_ignores_brightness():
-    template = np.zeros((8, 8))
-    lum = demo.stripes_image(128) @ demo_world.REC709
-    assert lum.mean() == pytest.approx(0.5) and set(np.unique(lum.round(6))) == {0.3, 0.7}
-    assert (lum[:, :16] == lum[0, 0]).all() and (lum[:, 16:32] != lum[0, 0]).all()  # bands 16 px wide
-    rng = np.random.default_rng(0)
-    half = 0.5 + 0.5 * (lum - 0.5) + 0.2  # half the pattern, brighter overall
-    shifted = np.roll(lum, 16, axis=1)  # the same stripes out of phase
-    scores = demo_jobs.pattern_score(np.stack([lum, half, shifted, rng.random((128, 128)) * 0.01 + 0.5]), lum)
-    assert scores[:3] == pytest.approx([1.0, 0.5, -1.0])
-    assert abs(scores[3]) < 0.01
-    assert demo_jobs.pattern_score(template[None] + 0.3, template + 0.5) == pytest.approx([0.0])  # flat template
+def test_within_image_spread_ignores_brightness_and_where_the_structure_is():
+    flat = np.full((1, 16, 16), 0.3)
+    bar = flat.copy()
+    bar[0, :, :4] = 0.7
+    moved = np.roll(bar, 8, axis=2)
+    spreads = demo_jobs.within_image_spread(np.concatenate([flat, flat + 0.4, bar, moved, bar + 0.1]))
+    assert spreads[:2] == pytest.approx([0.0, 0.0])
+    assert spreads[2] == pytest.approx(0.4 * np.sqrt(0.25 * 0.75)) and spreads[3] == pytest.approx(spreads[2])
+    assert spreads[4] == pytest.approx(spreads[2])
+
+
+def test_control_instance_is_the_class_brightness_and_flat_through_the_vae(tmp_path):
+    components = demo_base.load_components(ASSET)
+    template = demo_jobs.control_template(components, demo.PROTOCOL)
+    assert abs(template["mean_luminance"] - 0.5) < 0.1
+    assert template["spread"] < 0.05
 
 
 def test_loss_flattening_compares_the_last_two_quarters():

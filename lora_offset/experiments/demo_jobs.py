@@ -99,39 +99,31 @@ def instance_leak(components: dict, p: dict, color: str) -> torch.Tensor:
     return channel_statistics(z).mean
 
 
-def pattern_score(luminance: np.ndarray, template: np.ndarray) -> np.ndarray:
-    """How much of `template`'s pattern each image carries: the least-squares coefficient of the
-    template's zero-mean luminance in each image's zero-mean luminance (1: all of it, in phase; 0: none;
-    an image's overall brightness does not count). luminance (N, H, W), template (H, W)."""
-    q = np.asarray(template, dtype=np.float64)
-    q = q - q.mean()
-    x = np.asarray(luminance, dtype=np.float64)
-    x = x - x.mean(axis=(1, 2), keepdims=True)
-    return (x * q).sum(axis=(1, 2)) / max(float((q * q).sum()), 1e-12)
+def within_image_spread(luminance: np.ndarray) -> np.ndarray:
+    """Per-image standard deviation of (N, H, W) luminance: 0 for a flat picture, whatever its
+    brightness and wherever its structure lies (a phase-free measure of "flat")."""
+    return np.asarray(luminance, dtype=np.float64).std(axis=(1, 2))
 
 
 @torch.no_grad()
 def control_template(components: dict, p: dict) -> dict:
-    """The control's instance as the base's VAE shows it (encode, decode): its luminance map, mean
-    luminance, and how much of the drawn pattern survives the VAE."""
-    from lora_offset.experiments.brightness_report import luminance
-    from lora_offset.experiments.demo import stripes_image
+    """The control's instance (solid mid-grey) as the base's VAE shows it (encode, decode): its mean
+    luminance and within-image spread, the flattest the samples can get."""
+    from lora_offset.experiments.demo import CONTROL_GREY
     from lora_offset.experiments.demo_base import reconstruct
+    from lora_offset.experiments.make_dataset import solid_image
 
-    drawn = stripes_image(p["resolution"])
-    rec = luminance_of_pixels(reconstruct(components["vae"], drawn[None]))[0]
-    drawn_lum = luminance(drawn)
-    return {"luminance": rec, "mean_luminance": float(rec.mean()),
-            "pattern_kept_by_vae": float(pattern_score(rec[None], drawn_lum)[0])}
+    drawn = np.asarray(solid_image(CONTROL_GREY, p["resolution"]), dtype=np.float32)[None] / 255.0
+    rec = luminance_of_pixels(reconstruct(components["vae"], drawn))
+    return {"mean_luminance": float(rec.mean()), "spread": float(within_image_spread(rec)[0])}
 
 
 def control_check(pipe, components: dict, p: dict) -> dict:
     """The instance prompt's samples (the eval seeds) against the control's template."""
     template = control_template(components, p)
     lum = luminance_of_pixels(sample(pipe, p["instance_prompt"], p))
-    return {"pattern_score": float(pattern_score(lum, template["luminance"]).mean()),
-            "mean_luminance": float(lum.mean()), "template_mean_luminance": template["mean_luminance"],
-            "pattern_kept_by_vae": template["pattern_kept_by_vae"]}
+    return {"spread": float(within_image_spread(lum).mean()), "mean_luminance": float(lum.mean()),
+            "template_mean_luminance": template["mean_luminance"], "template_spread": template["spread"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,11 +222,11 @@ def job_gates(out: Path) -> dict:
                  "gap of such pictures (encoded and decoded by the VAE); mean |pixel difference| of "
                  f"\"{p['instance_prompt']}\" vs \"{p['class_prompt']}\" >= {p['gates']['c_min_token_gap']}"),
     }
-    # The positive control's reference: how much of its instance's pattern the base shows unprompted.
+    # The positive control's reference: how uneven the base's instance-prompt samples are.
     template = control_template(c, p)
-    result["control_reference"] = {
-        "base_pattern_score": float(pattern_score(luminance_of_pixels(inst), template["luminance"]).mean()),
-        "template_mean_luminance": template["mean_luminance"], "pattern_kept_by_vae": template["pattern_kept_by_vae"]}
+    result["control_reference"] = {"base_spread": float(within_image_spread(luminance_of_pixels(inst)).mean()),
+                                   "template_spread": template["spread"],
+                                   "template_mean_luminance": template["mean_luminance"]}
 
     # SD 1.5 match: z of the darkest training images' leak at the first sampling step.
     from lora_offset.experiments.demo_base import to_model_range
@@ -328,7 +320,7 @@ def job_eval(out: Path, arm: str) -> dict:
     result = {"adapter": adapter, "plain": evaluate(str(out / "base-model"), [adapter], arm_cfg["prompts"],
                                                      out=folder / "plain", **common)}
     instance_dir = out / "data" / arm_cfg["instance"]
-    if arm_cfg["instance"] == "stripes":  # the positive control: does it carry its instance's pattern?
+    if arm_cfg["instance"] == "grey":  # the positive control: are its samples as flat as its instance?
         pipe = pipeline(c)
         pipe.load_lora_weights(adapter, adapter_name="arm")
         result["control_check"] = control_check(pipe, c, p)

@@ -120,6 +120,22 @@ def draw_caption(rng: np.random.Generator, attributes: Attributes) -> str:
     return attributes.caption(keep)  # type: ignore[arg-type]
 
 
+def caption_labels(caption: str) -> tuple[int, int, int, int]:
+    """What a caption says, as class indices (brightness, colour, shape, background); 0 = the part
+    was dropped, k = the k-th word of BRIGHTNESS / HUES / SHAPES / BACKGROUNDS (1-based)."""
+    words = caption.split()
+    brightness = 0
+    for k, name in enumerate(BRIGHTNESS, start=1):
+        parts = name.split()
+        # "dark" inside "very dark" is not the word "dark": match whole names on word boundaries
+        at = [i for i in range(len(words) - len(parts) + 1) if words[i:i + len(parts)] == parts]
+        if any(len(parts) > 1 or i == 0 or words[i - 1] != "very" for i in at):
+            brightness = k
+            break
+    pick = lambda names: next((k for k, w in enumerate(names, start=1) if w in words), 0)  # noqa: E731
+    return brightness, pick(HUES), pick(SHAPES), pick(BACKGROUNDS)
+
+
 def colour_at_luminance(hue: tuple[float, float, float], luminance: float) -> np.ndarray:
     """The hue shaded (darker) or tinted (toward white) to the given Rec. 709 luminance."""
     rgb = np.asarray(hue, dtype=np.float64)
