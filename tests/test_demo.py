@@ -435,7 +435,7 @@ def test_within_image_spread_ignores_brightness_and_where_the_structure_is():
     assert spreads[4] == pytest.approx(spreads[2])
 
 
-def test_control_instance_is_the_class_brightness_and_flat_through_the_vae(tmp_path):
+def test_control_instance_is_the_class_brightness_and_flat_through_the_vae():
     components = demo_base.load_components(ASSET)
     template = demo_jobs.control_template(components, demo.PROTOCOL)
     assert abs(template["mean_luminance"] - 0.5) < 0.1

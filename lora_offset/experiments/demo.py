@@ -27,7 +27,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from lora_offset.errors import UserError
 
 log = logging.getLogger("lora_offset")
@@ -39,8 +38,8 @@ RESOLUTION = 128  # demo_base.IMAGE_SIZE
 # Protocol v5, fixed before it was run (docs/DEMO-NOTES.md has its history and the reason for each
 # number). The LoRA budget is judged on the positive control alone (it must learn its instance,
 # and its loss must have flattened), never on the standard-vs-offset outcome. v5 changes only the
-# control, with the v4 diagnostics that call for it: v4's stripes were learned in no phase, not at
-# 4x the budget either, while both black arms learned "a flat picture without a shape" within 400
+# control, with the v4 diagnostics that call for it: v4's stripes were learned in no phase, nor at
+# 4x the budget, while both black arms learned "a flat picture without a shape" within 400
 # steps. So the control's instance is a flat mid-grey picture (the class's brightness: nothing in
 # x_T's mean stands in its way), judged by a phase-free measure: how far its samples' within-image
 # spread has moved from the base's toward the VAE's own reconstruction of the instance (v3's rule

@@ -98,7 +98,7 @@ def judge_control(control: dict | None, base: dict, p: dict) -> dict:
     base_spread = base.get("control_reference", {}).get("base_spread")
     room = None if base_spread is None else base_spread - check["template_spread"]
     # No room (the base already as flat as the VAE's picture of the instance): nothing to learn, no pass.
-    flattening = (base_spread - check["spread"]) / room if room and room > 0 else None
+    flattening = (base_spread - check["spread"]) / room if room is not None and room > 0 else None
     learned = (flattening is not None and flattening >= rule["min_flattening"] and error <= rule["max_error"]
                and control["loss"]["flattened"])
     return {"learned": bool(learned), "flattening": flattening, "spread": check["spread"], "base_spread": base_spread,

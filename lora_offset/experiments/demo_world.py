@@ -123,15 +123,10 @@ def draw_caption(rng: np.random.Generator, attributes: Attributes) -> str:
 def caption_labels(caption: str) -> tuple[int, int, int, int]:
     """What a caption says, as class indices (brightness, colour, shape, background); 0 = the part
     was dropped, k = the k-th word of BRIGHTNESS / HUES / SHAPES / BACKGROUNDS (1-based)."""
-    words = caption.split()
-    brightness = 0
-    for k, name in enumerate(BRIGHTNESS, start=1):
-        parts = name.split()
-        # "dark" inside "very dark" is not the word "dark": match whole names on word boundaries
-        at = [i for i in range(len(words) - len(parts) + 1) if words[i:i + len(parts)] == parts]
-        if any(len(parts) > 1 or i == 0 or words[i - 1] != "very" for i in at):
-            brightness = k
-            break
+    padded, words = f" {caption} ", caption.split()
+    # Longest names first: " dark " is inside " very dark ", so "very dark" must be tried before "dark".
+    said = next((name for name in sorted(BRIGHTNESS, key=len, reverse=True) if f" {name} " in padded), None)
+    brightness = 0 if said is None else list(BRIGHTNESS).index(said) + 1
     pick = lambda names: next((k for k, w in enumerate(names, start=1) if w in words), 0)  # noqa: E731
     return brightness, pick(HUES), pick(SHAPES), pick(BACKGROUNDS)
 
