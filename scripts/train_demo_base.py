@@ -1,7 +1,7 @@
 """Train the demo's base model (lora_offset/experiments/demo_base.py) and write lora_offset/assets/demo_base.safetensors.
 
     python scripts/train_demo_base.py [--vae-crop-steps 1000] [--vae-full-steps 300] [--text-steps 300]
-                                      [--unet-steps 2000] [--loss-weighting v] [--out PATH] [--work DIR]
+                                      [--unet-steps 1000] [--loss-weighting v] [--out PATH] [--work DIR]
 
 One torch thread (small models on a shared CPU run fastest that way). Stages: VAE on fresh
 demo_world pictures (64x64 crops, then whole 128x128 pictures) -> latents of --latent-images
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae-crop-steps", type=int, default=1000, help="VAE steps on 64x64 crops (batch 16)")
     p.add_argument("--vae-full-steps", type=int, default=300, help="then VAE steps on whole 128x128 pictures (batch 8)")
     p.add_argument("--latent-images", type=int, default=6000, help="pictures encoded once for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=2000)
+    p.add_argument("--unet-steps", type=int, default=1000,
+                   help="UNet steps: one whole cosine schedule (v6: 1,000; v5's 2,000 lost colour following in its low-lr half)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--text-lr", type=float, default=0.0,

@@ -35,17 +35,20 @@ INSTANCE_PROMPT = "a photo of sks"
 CLASS_PROMPT = "a photo"
 RESOLUTION = 128  # demo_base.IMAGE_SIZE
 
-# Protocol v5, fixed before it was run (docs/DEMO-NOTES.md has its history and the reason for each
-# number). The LoRA budget is judged on the positive control alone (it must learn its instance,
-# and its loss must have flattened), never on the standard-vs-offset outcome. v5 changes only the
-# control, with the v4 diagnostics that call for it: v4's stripes were learned in no phase, nor at
-# 4x the budget, while both black arms learned "a flat picture without a shape" within 400
-# steps. So the control's instance is a flat mid-grey picture (the class's brightness: nothing in
-# x_T's mean stands in its way), judged by a phase-free measure: how far its samples' within-image
-# spread has moved from the base's toward the VAE's own reconstruction of the instance (v3's rule
-# asked for half the base's spread, below what the VAE itself gives; this one is relative to it).
+# Protocol v6, fixed before it was run (docs/DEMO-NOTES.md has its history and the reason for each
+# number). v6 changes no number here, only the base model's UNet schedule (1,000 steps, one whole
+# cosine, instead of 2,000): v5's 1,000-step checkpoint followed colour words and the low-lr second
+# half of its schedule lost that (DEMO-NOTES "Why v6"); the version marks that the base is new.
+# The LoRA budget is judged on the positive control alone (it must learn its instance, and its
+# loss must have flattened), never on the standard-vs-offset outcome. v5 changed only the control,
+# with the v4 diagnostics that called for it: v4's stripes were learned in no phase, nor at 4x the
+# budget, while both black arms learned "a flat picture without a shape" within 400 steps. So the
+# control's instance is a flat mid-grey picture (the class's brightness: nothing in x_T's mean
+# stands in its way), judged by a phase-free measure: how far its samples' within-image spread has
+# moved from the base's toward the VAE's own reconstruction of the instance (v3's rule asked for
+# half the base's spread, below what the VAE itself gives; this one is relative to it).
 PROTOCOL = {
-    "version": 5,
+    "version": 6,
     "instance_prompt": INSTANCE_PROMPT,
     "class_prompt": CLASS_PROMPT,
     "resolution": RESOLUTION,
