@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from lora_offset.cli import main
 from lora_offset.errors import UserError
-from lora_offset.experiments.evaluate import (LoraSpec, SamplingSettings, brightness_stats, evaluate, image_grid, luminance,
-                                  luminance_histogram, parse_lora_spec, render_markdown, sampling_from_metadata,
+from lora_offset.experiments.brightness_report import (brightness_stats, image_grid, luminance, luminance_histogram,
+                                                       render_markdown)
+from lora_offset.experiments.evaluate import (LoraSpec, SamplingSettings, evaluate, parse_lora_spec, sampling_from_metadata,
                                   sampling_from_scheduler)
 
 FAST = dict(n=2, steps=2, seed=0, resolution=64, guidance_scale=7.5)

@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lora_offset.errors import UserError
-from lora_offset.experiments.brightness_report import (  # noqa: F401  (luminance: part of this module's surface)
-    brightness_stats, image_grid, luminance, luminance_histogram, render_markdown, write_histogram_plot)
+from lora_offset.experiments.brightness_report import (
+    brightness_stats, image_grid, luminance_histogram, render_markdown, write_histogram_plot)
 from lora_offset.fileio import atomic_write, atomic_write_text
 
 PLOT_NAME = "luminance-histograms.png"
