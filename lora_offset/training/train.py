@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import shutil
-import signal
+import signal  # run() restores the Ctrl-C handler however train() ends
 import time
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.group import build_datasets
 from lora_offset.training import optimizers
 from lora_offset.training.adapter import save_adapter
+from lora_offset.training.interrupt import TrainingInterrupted, install_sigint_handler
 from lora_offset.training.samples import generate_class_images, write_samples
 from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state, saved_num_threads
@@ -37,10 +38,6 @@ from lora_offset.training.text import encode_prompts, num_layers
 from lora_offset.training.validation import validation_due, validation_loss, validation_seed
 
 log = logging.getLogger("lora_offset")
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C: a resumable state and the current adapter were saved."""
 
 
 def train(config: Config, resume: str | None = None, base: "models.BaseModel | None" = None,
@@ -329,40 +326,6 @@ def add_networks(config: Config, unet, text_encoder, start=None, overrides=None)
         torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
     return unet_params, te_params
-
-
-class _StopFlag:
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
-def install_sigint_handler() -> _StopFlag:
-    """Ctrl-C finishes the current step, then saves a resumable state and the adapter (a second Ctrl-C aborts)."""
-    flag = _StopFlag()
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-    except ValueError:  # not the main thread
-        return flag
-
-    def handler(signum, frame):
-        if flag.requested:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        flag.requested = True
-        log.warning("Ctrl-C: finishing this step, then saving (press again to abort without saving)")
-
-    try:
-        signal.signal(signal.SIGINT, handler)
-        flag._previous = previous
-    except ValueError:
-        pass
-    return flag
 
 
 def flat_hparams(config: Config) -> dict:
