@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from lora_offset.cli import main
 from tests.test_train import make_images, write_config
+from tests.test_train_kohya_datasets import scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tests pin one CPU thread for speed (tiny models on 2 shared cores); USER_ENV is what a user's shell
@@ -338,15 +339,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     arithmetic, and only float noise (which differs between the runs) moves them, so nothing is
     asserted of them but the ±lr bound. Everywhere else, elements whose gradient is near 0 by chance
     are rare (about 0.1% differ); fewer than 1% may. Wrong slicing (both processes on the same
-    half, say) would change the sign of a large share of all gradients."""
-    # One step: it compares the global gradient; later steps would compound the sign flips.
+    half, say) would change the sign of a large share of all gradients. The validation loss logged by
+    the two processes is the one process's (measured: 4e-7 apart; without the reduction across
+    processes it was 3 % off)."""
+    # One step: it compares the global gradient; later steps would compound the sign flips. Two of the
+    # four images are held out, so the validation loss after that step (TensorBoard) is compared too.
     lr = 1e-3
-    one = write_config(tmp_path / "one", tiny_model_dir, images, training={
-        "max_steps": 1, "output_dir": str(tmp_path / "one" / "out"), "optimizer": "adamw", "learning_rate": lr},
-        dataset={"batch_size": 2})
-    two = write_config(tmp_path / "two", tiny_model_dir, images, training={
-        "max_steps": 1, "output_dir": str(tmp_path / "two" / "out"), "optimizer": "adamw", "learning_rate": lr},
-        dataset={"batch_size": 1})
+    runs = {}
+    for name, batch_size in (("one", 2), ("two", 1)):
+        runs[name] = write_config(tmp_path / name, tiny_model_dir, images, training={
+            "max_steps": 1, "output_dir": str(tmp_path / name / "out"), "optimizer": "adamw", "learning_rate": lr,
+            "validate_every_n_steps": 1, "log_with": "tensorboard"},
+            dataset={"batch_size": batch_size, "validation_split": 0.5})
+    one, two = runs["one"], runs["two"]
     assert main(["train", "--config", str(one)]) == 0
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -369,6 +374,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     for adapter in (a, b):
         trained = {k.split(".")[0] for k in a if k.endswith("lora_up.weight") and adapter[k].abs().sum() > 0}
         assert trained >= ups - one_token
+    # The validation loss is the mean over the whole held-out batch: each process scores its own half
+    # with the global batch's noise, and the halves are averaged. Scoring one half twice would be off
+    # by the difference between the two images' losses (percents); the runs' adapters differ by float noise.
+    val_one = scalars(tmp_path / "one" / "out" / "logs", "loss/validation")
+    val_two = scalars(tmp_path / "two" / "out" / "logs", "loss/validation")
+    assert set(val_one) == set(val_two) == {1}
+    assert val_two[1] == pytest.approx(val_one[1], rel=1e-4)
     log = result.stdout + result.stderr
     assert log.count("saved ") == 2  # print + log line of the main process only
     # Only the main process wrote files: one adapter, one log folder.
