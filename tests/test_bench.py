@@ -1,4 +1,5 @@
-"""bench/train_bench.py: the --tiny harness end to end on CPU, and its pure pieces (peaks, ratios, hooks)."""
+"""bench/train_bench.py: the --tiny harness end to end on CPU, and its pure pieces (bench_report.py's peaks,
+ratios and targets; the step hooks)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_bench.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("train_bench", SCRIPT)
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench = load_bench()
+bench = load_script(SCRIPT)
+bench_report = load_script(SCRIPT.with_name("bench_report.py"))
 NUMERIC = ("it_per_s", "images_per_s", "step_time_median_s", "flops_per_step", "tflops_per_s", "total_s")
 GPU_ONLY = ("peak_allocated_gb", "peak_reserved_gb", "loop_peak_allocated_gb", "mfu")
 
@@ -117,7 +119,7 @@ def test_tiny_markdown_table(tiny_report):
     ("Tesla T4", None),
 ])
 def test_peak_tflops_by_device_name(name, peak):
-    found = bench.peak_tflops(name)
+    found = bench_report.peak_tflops(name)
     assert (found[0] if found else None) == peak
 
 
@@ -128,18 +130,18 @@ def test_ratios_and_targets():
         "throughput": {"peak_allocated_gb": 30.0, "peak_reserved_gb": 36.0, "it_per_s": 2.0, "images_per_s": 16.0,
                        "mfu": 0.30},
     }
-    r = bench.ratios(results)
+    r = bench_report.ratios(results)
     assert r["consumer/naive"] == pytest.approx({"peak_allocated": 0.3, "peak_reserved": 0.3, "it_per_s": 1.5,
                                                  "images_per_s": 1.5})
     assert r["throughput/naive"]["images_per_s"] == pytest.approx(4.0)
-    t = bench.targets(results, r)
+    t = bench_report.targets(results, r)
     assert t == {"consumer peak allocated <= 3.5 GB": True, "consumer >= 5 it/s": True,
                  "consumer-nf4 peak allocated <= 1.5 GB": None,  # not in this run
                  "throughput MFU >= 35 %": False, "consumer memory <= 0.4 x naive": True}
     results["consumer-nf4"] = {"peak_allocated_gb": 1.4, "peak_reserved_gb": 1.6, "it_per_s": 4.0, "images_per_s": 4.0}
-    assert bench.targets(results, r)["consumer-nf4 peak allocated <= 1.5 GB"] is True
+    assert bench_report.targets(results, r)["consumer-nf4 peak allocated <= 1.5 GB"] is True
     results["naive"] = {"profile": "naive", "error": "CUDA out of memory"}
-    assert bench.ratios(results) == {}
+    assert bench_report.ratios(results) == {}
 
 
 def test_step_hooks_time_finished_steps_and_count_one_step():
@@ -204,16 +206,9 @@ def test_script_runs_as_ci_calls_it(tmp_path):
     assert list(report["profiles"]) == ["naive"] and report["profiles"]["naive"]["it_per_s"] > 0
 
 
-def load_memory_estimate():
-    spec = importlib.util.spec_from_file_location("memory_estimate", SCRIPT.parent / "memory_estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_memory_estimate_consumer_and_naive():
-    est = load_memory_estimate()
+    est = load_script(SCRIPT.with_name("memory_estimate.py"))
     consumer, naive = est.estimate("consumer"), est.estimate("naive")
     assert consumer["UNet weights (fp16)"] == pytest.approx(859_520_964 * 2 / 1e9)
     assert consumer["LoRA weights (fp32)"] == pytest.approx(13_565_952 * 4 / 1e9)  # rank 32, 192 modules
