@@ -7,7 +7,7 @@ with the protocol's settings to the largest rung, saving the adapter at every ru
 constant after warm-up, so the adapter at step S is what an S-step run ends with), then judges the
 instance prompt at each rung with the protocol's sampler and demo_report.judge_control's rule
 (flattening toward the instance, brightness, loss flattened). The black-instance arms are never run here: nothing
-it prints can depend on their outcome. Protocol v3 chose its budget with it; v4 and v5 fix the budget
+it prints can depend on their outcome. Protocol v3 chose its budget with it; v4 to v6 fix the budget
 (the largest that fits the 10-minute limit) and records this curve as evidence.
 """
 
