@@ -1,7 +1,7 @@
 """bench/train_bench.py's report: the environment, ratios against the baseline, the issues' targets, bench.md.
 
-Pure functions of the measured results (no torch.cuda calls but the environment's device name), so
-tests check them on made-up numbers.
+peak_tflops, ratios, targets and markdown are pure functions of their arguments, so tests check them
+on made-up numbers; environment() alone reads the machine (device, library versions, date).
 """
 
 from __future__ import annotations

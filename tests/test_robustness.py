@@ -345,13 +345,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     # One step: it compares the global gradient; later steps would compound the sign flips. Two of the
     # four images are held out, so the validation loss after that step (TensorBoard) is compared too.
     lr = 1e-3
-    runs = {}
-    for name, batch_size in (("one", 2), ("two", 1)):
-        runs[name] = write_config(tmp_path / name, tiny_model_dir, images, training={
-            "max_steps": 1, "output_dir": str(tmp_path / name / "out"), "optimizer": "adamw", "learning_rate": lr,
-            "validate_every_n_steps": 1, "log_with": "tensorboard"},
-            dataset={"batch_size": batch_size, "validation_split": 0.5})
-    one, two = runs["one"], runs["two"]
+    one, two = (write_config(tmp_path / name, tiny_model_dir, images, training={
+        "max_steps": 1, "output_dir": str(tmp_path / name / "out"), "optimizer": "adamw", "learning_rate": lr,
+        "validate_every_n_steps": 1, "log_with": "tensorboard"},
+        dataset={"batch_size": batch_size, "validation_split": 0.5}) for name, batch_size in (("one", 2), ("two", 1)))
     assert main(["train", "--config", str(one)]) == 0
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
