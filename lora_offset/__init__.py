@@ -28,8 +28,16 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 __version__ = "0.1.0"
+
+# Intel MKL (torch's CPU BLAS) picks its code path per call by the memory alignment of the arrays,
+# which changes from process to process: two runs of one config on two threads gave different
+# gradients in their last bits, and AdamW turns those into different adapters (training/determinism.py).
+# Conditional Numerical Reproducibility mode AUTO keeps one path per CPU. MKL reads the variable when
+# it first runs, so it is set here, before anything computes; a user's own MKL_CBWR wins.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 # bitsandbytes (imported by peft) warns at import, on CPUs with AVX512-BF16, that it could not load
 # an optional CPU kernel from the `kernels` package. Nothing here uses it (NF4 bases run on CPU

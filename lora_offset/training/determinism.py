@@ -2,10 +2,14 @@
 
 What decides it (measured on a 2-core CPU, torch 2.13, tiny model; tests/test_robustness.py pins the promise):
 
-* CPU, same intra-op thread count: the same bits in every process. Five 6-step CLI runs at the
-  default 2 threads on a loaded machine, two runs at once, runs at 128 px, and 2-thread runs
-  confined to one core all ended identical; so did the UNet's gradients across processes. No
-  setting is needed for two runs of a config to agree.
+* CPU, same intra-op thread count: the same bits in every process only with Intel MKL's
+  Conditional Numerical Reproducibility on. Without it, MKL chooses a GEMM code path by the
+  arrays' memory alignment, which differs between processes: four 1-step runs of one config at
+  the default 2 threads gave four different sets of LoRA gradients (the up matrices' weight
+  gradients, last bits), hence different adapters. `import lora_offset` sets MKL_CBWR=AUTO (one
+  path per CPU) unless the user set it: the same four runs then agreed bit for bit. MKL reads it
+  once, at its first call, so a script that computes with torch before importing lora_offset
+  must set MKL_CBWR itself.
 * CPU, another thread count: different bits. torch's CPU convolutions split their sums by thread
   (the VAE's 1x1 conv_shortcut on a (2, 8, 32, 32) input already differs in the last bit between
   1 and 2 threads), and AdamW turns a last-bit difference in a near-zero gradient into a step of
