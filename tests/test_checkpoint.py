@@ -194,9 +194,9 @@ def test_tokenizer_comes_from_the_option_the_config_dir_clip_or_the_local_cache(
         checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer=tmp_path)
     components = checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir, tokenizer=tiny_model_dir / "tokenizer")
     assert len(components["tokenizer"]) == 514
-    # Without open-clip-torch: the local Hugging Face cache, else one error naming both ways out.
+    # Without openai-clip: the local Hugging Face cache, else one error naming both ways out.
     monkeypatch.setattr(clip_tokenizer, "find_clip_bpe_file", lambda: None)
-    with pytest.raises(UserError, match=r'pip install --no-deps "open-clip-torch==3\.3\.0"\) or set model\.tokenizer = "<folder>"'):
+    with pytest.raises(UserError, match=r'pip install "openai-clip==1\.0\.1"\) or set model\.tokenizer = "<folder>"'):
         checkpoint.load_single_file(tiny_ldm_file, config_dir=config_dir)
     # A Hugging Face cache entry for openai/clip-vit-large-patch14 (here: the tiny tokenizer's files).
     repo = cache / "models--openai--clip-vit-large-patch14"

@@ -1,7 +1,7 @@
-"""The CLIP ViT-L/14 tokenizer built offline equals open_clip's own CLIP tokenizer, token for token.
+"""The CLIP ViT-L/14 tokenizer built offline equals OpenAI's own CLIP tokenizer, token for token.
 
-The reference is open_clip's `SimpleTokenizer` (OpenAI's CLIP tokenizer, copied into open_clip),
-loaded from its file: open_clip's `__init__` imports torchvision, which does not load here.
+The reference is OpenAI's `SimpleTokenizer` (clip/simple_tokenizer.py of the openai-clip package),
+loaded from its file: the `clip` package's `__init__` imports torchvision, which lora-offset does not install.
 """
 
 import importlib.util
@@ -16,10 +16,11 @@ from lora_offset.errors import UserError
 
 @pytest.fixture(scope="module")
 def reference():
-    """open_clip's tokenizer module (tokenizer.py run on its own)."""
+    """OpenAI's tokenizer module (simple_tokenizer.py run on its own)."""
     bpe = clip_tokenizer.find_clip_bpe_file()
-    assert bpe is not None, f"open-clip-torch is a test requirement: {clip_tokenizer.OPEN_CLIP_INSTALL}"
-    spec = importlib.util.spec_from_file_location("open_clip_tokenizer", bpe.parent / "tokenizer.py")
+    assert bpe is not None, f"openai-clip is a dependency: {clip_tokenizer.CLIP_INSTALL}"
+    assert bpe.parent.name == "clip", f"the reference is OpenAI's package, found {bpe}"
+    spec = importlib.util.spec_from_file_location("openai_clip_simple_tokenizer", bpe.parent / "simple_tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -40,6 +41,17 @@ def ids(tokenizer, text):
     out = tokenizer(text, truncation=False).input_ids
     assert out[0] == 49406 and out[-1] == 49407
     return out[1:-1]
+
+
+def clip_tokenize(clip, text: str, context_length: int = 77) -> list[int]:
+    """OpenAI's clip.tokenize(text, truncate=True) for one text (clip/clip.py, which needs torchvision to
+    import): <|startoftext|> + tokens + <|endoftext|>, cut to 77 with <|endoftext|> kept last, zero-padded."""
+    sot, eot = clip.encoder["<|startoftext|>"], clip.encoder["<|endoftext|>"]
+    tokens = [sot] + clip.encode(text) + [eot]
+    if len(tokens) > context_length:
+        tokens = tokens[:context_length]
+        tokens[-1] = eot
+    return tokens + [0] * (context_length - len(tokens))
 
 
 TAGS = ("masterpiece, best quality, 1girl, solo, long hair, looking at viewer, smile, open mouth, blue eyes, "
@@ -75,11 +87,7 @@ CORPUS = [
 def test_vocabulary_and_merges_are_clips(clip, tokenizer):
     vocab = tokenizer.get_vocab()
     assert len(vocab) == len(tokenizer) == clip_tokenizer.VOCAB_SIZE == 49408
-    expected = dict(clip.encoder)
-    # open_clip names the two special tokens differently; OpenAI's and the Hub's files use <|...|>.
-    expected["<|startoftext|>"] = expected.pop("<start_of_text>")
-    expected["<|endoftext|>"] = expected.pop("<end_of_text>")
-    assert vocab == expected
+    assert vocab == clip.encoder
     assert (vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (49406, 49407)
     _, merges = clip_tokenizer.clip_vocab_and_merges(
         clip_tokenizer.read_clip_bpe_text(clip_tokenizer.find_clip_bpe_file()))
@@ -88,7 +96,7 @@ def test_vocabulary_and_merges_are_clips(clip, tokenizer):
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
         "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")
     assert type(tokenizer).__name__ == "CLIPTokenizer"
-    assert "open_clip" not in sys.modules  # located on disk, never imported (its __init__ needs torchvision)
+    assert "clip" not in sys.modules  # located on disk, never imported (its __init__ needs torchvision)
 
 
 @pytest.mark.parametrize("text", CORPUS)
@@ -131,10 +139,10 @@ def test_what_clips_text_cleaning_changes_and_transformers_does_not(clip, tokeni
 def test_77_token_truncation_matches_clip(clip, tokenizer, text):
     ours = tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids
-    theirs = clip([text])  # open_clip: 77 ids, <end_of_text> kept last when cut, zero-padded
-    assert ours.shape == theirs.shape == (1, 77)
-    n = int((theirs[0] != 0).sum())
-    assert ours[0, :n].tolist() == theirs[0, :n].tolist()
+    theirs = clip_tokenize(clip, text)
+    assert ours.shape == (1, 77) and len(theirs) == 77
+    n = sum(1 for t in theirs if t != 0)
+    assert ours[0, :n].tolist() == theirs[:n]
     assert ours[0, n - 1] == 49407
     assert (ours[0, n:] == tokenizer.pad_token_id).all()  # the Hub's tokenizer pads with <|endoftext|>
 
@@ -148,9 +156,9 @@ def test_a_different_bpe_file_is_refused(tmp_path):
         clip_tokenizer.build_clip_tokenizer(fake)
 
 
-def test_missing_open_clip_names_the_install_command(monkeypatch):
+def test_missing_openai_clip_names_the_install_command(monkeypatch):
     monkeypatch.setattr(clip_tokenizer, "find_clip_bpe_file", lambda: None)
-    with pytest.raises(UserError, match=r'pip install --no-deps "open-clip-torch==3\.3\.0"'):
+    with pytest.raises(UserError, match=r'pip install "openai-clip==1\.0\.1"'):
         clip_tokenizer.build_clip_tokenizer()
 
 

@@ -179,7 +179,7 @@ def load_single_file(path: str | Path, *, allow_pickle: bool = False, config_dir
     `config_dir` is a diffusers-layout folder with unet/, vae/, text_encoder/ and scheduler/
     configs (default: SD 1.5's, shipped with the package). The tokenizer comes from the folder
     `tokenizer` (config `model.tokenizer`), else `config_dir/tokenizer`, else it is SD 1.x's CLIP
-    ViT-L/14 tokenizer built from open_clip's BPE file (formats/clip_tokenizer.py).
+    ViT-L/14 tokenizer built from OpenAI's CLIP BPE file (formats/clip_tokenizer.py).
     Nothing is downloaded. Weights are converted with diffusers' own single-file converters.
     `torch_dtype` casts floating tensors (None keeps the file's dtypes).
     """
@@ -284,8 +284,8 @@ def load_tokenizer(config_dir: str | Path, tokenizer_dir: str | Path | None = No
     """CLIP tokenizer from `tokenizer_dir`, else `config_dir/tokenizer`, else SD 1.x's CLIP ViT-L/14 tokenizer.
 
     Never downloads. The last case builds openai/clip-vit-large-patch14's tokenizer from the BPE
-    file that open-clip-torch ships (`clip_tokenizer.build_clip_tokenizer`), or when that package
-    is missing takes the tokenizer from the local Hugging Face cache. Every candidate folder must
+    file that openai-clip ships (`clip_tokenizer.build_clip_tokenizer`), or when that package is
+    missing takes the tokenizer from the local Hugging Face cache. Every candidate folder must
     hold vocab.json and merges.txt: transformers 5 quietly builds a 2-token tokenizer from a
     folder without them.
     """
@@ -307,9 +307,9 @@ def load_tokenizer(config_dir: str | Path, tokenizer_dir: str | Path | None = No
     if cached is not None:
         return CLIPTokenizer.from_pretrained(str(cached))
     raise UserError(
-        f"no CLIP tokenizer: {folder} does not exist, open-clip-torch (whose BPE vocabulary builds SD 1.x's "
+        f"no CLIP tokenizer: {folder} does not exist, openai-clip (whose BPE vocabulary builds SD 1.x's "
         f"tokenizer) is not installed and {CLIP_TOKENIZER_REPO} is not in the local Hugging Face cache; "
-        f"install it ({clip_tokenizer.OPEN_CLIP_INSTALL}) or set model.tokenizer = \"<folder>\" "
+        f"install it ({clip_tokenizer.CLIP_INSTALL}) or set model.tokenizer = \"<folder>\" "
         "to a folder with the SD 1.x tokenizer (vocab.json, merges.txt)"
     )
 

@@ -3,7 +3,7 @@
 A single-file SD 1.x checkpoint holds the text encoder's weights but not its tokenizer. That
 tokenizer (`openai/clip-vit-large-patch14` on the Hugging Face Hub: vocab.json, merges.txt) is a
 pure function of OpenAI's `bpe_simple_vocab_16e6.txt.gz`, the file CLIP's own tokenizer reads and
-that the open_clip_torch package ships:
+that OpenAI's `openai-clip` package (a dependency of lora-offset) ships:
 
     vocab  = the 256 byte characters (GPT-2's byte -> unicode table), the same 256 with "</w>",
              one token per merge (CLIP's SimpleTokenizer reads merges[1:49152-256-2+1], i.e. the
@@ -13,11 +13,12 @@ that the open_clip_torch package ships:
 
 `build_clip_tokenizer` turns them into a transformers `CLIPTokenizer` (model_max_length 77,
 pad = unk = eos = <|endoftext|>), the tokenizer diffusers, kohya and the web UIs use for SD 1.x.
-tests/test_clip_tokenizer.py proves it token for token against open_clip's own tokenizer.
+tests/test_clip_tokenizer.py proves it token for token against OpenAI's own SimpleTokenizer.
 
-open_clip_torch is located on disk, never imported: its `__init__` imports torchvision, which
-does not load beside a CPU build of torch. Install it without its dependencies (they would pull
-torchvision and timm, and with them a CUDA build of torch): see `OPEN_CLIP_INSTALL`.
+The `clip` package is located on disk, never imported: its `__init__` imports torchvision, which
+lora-offset does not need (and which does not load beside a CPU build of torch). openai-clip
+itself needs only ftfy, regex and tqdm, so it never pulls another torch. open_clip_torch's copy of
+the same file is used when openai-clip is missing.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from pathlib import Path
 
 from lora_offset.errors import UserError
 
-# sha256 of OpenAI's bpe_simple_vocab_16e6.txt.gz, byte for byte the file open_clip_torch 3.3.0
-# and OpenAI's CLIP repository ship: a different file would be a different tokenizer.
+# sha256 of OpenAI's bpe_simple_vocab_16e6.txt.gz, byte for byte the file openai-clip 1.0.1,
+# open_clip_torch 3.3.0 and OpenAI's CLIP repository ship: a different file would be a different tokenizer.
 CLIP_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 CLIP_BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
-OPEN_CLIP_INSTALL = 'python3 -m pip install --no-deps "open-clip-torch==3.3.0"'
+CLIP_INSTALL = 'python3 -m pip install "openai-clip==1.0.1"'
+# The packages that ship the file, in the order they are looked for: OpenAI's, then open_clip's.
+CLIP_PACKAGES = ("clip", "open_clip")
 
 NUM_MERGES = 49152 - 256 - 2  # 48,894: CLIP's SimpleTokenizer keeps merges[1:NUM_MERGES + 1]
 START_OF_TEXT = "<|startoftext|>"
@@ -75,15 +78,16 @@ def clip_vocab_and_merges(bpe_text: str) -> tuple[dict[str, int], list[tuple[str
 
 
 def find_clip_bpe_file() -> Path | None:
-    """open_clip_torch's copy of bpe_simple_vocab_16e6.txt.gz, or None when it is not installed.
+    """The installed copy of bpe_simple_vocab_16e6.txt.gz (openai-clip's, else open_clip_torch's), or None.
 
-    Found through the import system without running open_clip's `__init__` (torchvision).
+    Found through the import system without running either package's `__init__` (torchvision).
     """
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        candidate = Path(folder) / CLIP_BPE_FILENAME
-        if candidate.is_file():
-            return candidate
+    for package in CLIP_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            candidate = Path(folder) / CLIP_BPE_FILENAME
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -94,23 +98,23 @@ def read_clip_bpe_text(path: str | Path) -> str:
     digest = hashlib.sha256(data).hexdigest()
     if digest != CLIP_BPE_SHA256:
         raise UserError(f"{path}: is not OpenAI's CLIP BPE vocabulary (sha256 {digest}, expected {CLIP_BPE_SHA256}); "
-                        f"reinstall it with: {OPEN_CLIP_INSTALL}")
+                        f"reinstall it with: {CLIP_INSTALL}")
     return gzip.decompress(data).decode("utf-8")
 
 
 def build_clip_tokenizer(bpe_file: str | Path | None = None):
     """The CLIP ViT-L/14 tokenizer of SD 1.x, as a transformers CLIPTokenizer. Never downloads.
 
-    `bpe_file` defaults to open_clip_torch's copy; UserError (with the install command) when there
-    is none.
+    `bpe_file` defaults to the installed copy (find_clip_bpe_file); UserError (with the install
+    command) when there is none.
     """
     from transformers import CLIPTokenizer
 
     if bpe_file is None:
         bpe_file = find_clip_bpe_file()
         if bpe_file is None:
-            raise UserError("the CLIP ViT-L/14 tokenizer is built from the BPE vocabulary that open-clip-torch ships, "
-                            f"and open-clip-torch is not installed: {OPEN_CLIP_INSTALL}")
+            raise UserError("the CLIP ViT-L/14 tokenizer is built from the BPE vocabulary that openai-clip ships, "
+                            f"and openai-clip is not installed: {CLIP_INSTALL}")
     vocab, merges = clip_vocab_and_merges(read_clip_bpe_text(bpe_file))
     return CLIPTokenizer(
         vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH,
