@@ -182,11 +182,12 @@ def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> 
 
 
 def _check_scheduler_name(name: str, source: str) -> None:
-    from diffusers.optimization import SchedulerType
+    from lora_offset.training.optimizers import LR_SCHEDULERS, UNSUPPORTED_LR_SCHEDULERS
 
-    names = [s.value for s in SchedulerType]
-    if name not in names:
-        raise UserError(f"{source}: training.lr_scheduler {name!r} is not a scheduler{suggest(name, names)}")
+    if name in UNSUPPORTED_LR_SCHEDULERS:
+        raise UserError(f"{source}: training.lr_scheduler {name!r} {UNSUPPORTED_LR_SCHEDULERS[name]}")
+    if name not in LR_SCHEDULERS:
+        raise UserError(f"{source}: training.lr_scheduler {name!r} is not a scheduler{suggest(name, LR_SCHEDULERS)}")
 
 
 def _check_sample_settings(config: Config, source: str) -> None:

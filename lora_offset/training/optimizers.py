@@ -140,6 +140,15 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float,
     return optimizer
 
 
+# training.lr_scheduler: diffusers' schedules (diffusers.optimization.SchedulerType), each built by
+# make_lr_scheduler from the keys lora-offset has; piecewise_constant needs step rules, which it has not.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+UNSUPPORTED_LR_SCHEDULERS = {
+    "piecewise_constant": "needs diffusers' step rules, which lora-offset has no key for; use \"constant_with_warmup\" "
+                          "or \"cosine_with_restarts\"",
+}
+
+
 def warmup_steps(lr_warmup_steps: float, max_steps: int) -> int:
     """training.lr_warmup_steps: a number of steps, or a fraction of max_steps when below 1 (kohya's)."""
     if 0 < lr_warmup_steps < 1:

@@ -8,7 +8,7 @@ connection to the wandb server is logged offline, into {logging_dir}/wandb, for 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import os
 import socket
@@ -25,9 +25,13 @@ WANDB_HOST = "api.wandb.ai"
 def trackers(log_with: str) -> list[str]:
     """accelerate's log_with for training.log_with; a UserError when wandb is asked for and missing."""
     names = TRACKERS[log_with]
-    if "wandb" in names and importlib.util.find_spec("wandb") is None:
-        raise UserError(f"training.log_with = {log_with!r} needs the wandb package: pip install 'lora-offset[wandb]' "
-                        "(or pip install wandb), or set training.log_with = \"tensorboard\"")
+    if "wandb" in names:
+        try:  # an import, not a look-up: a wandb that is there but cannot load fails here too, not mid-run
+            importlib.import_module("wandb")
+        except ImportError as e:
+            raise UserError(f"training.log_with = {log_with!r} needs the wandb package ({e}): pip install "
+                            "'lora-offset[wandb]' (or pip install wandb), or set training.log_with = "
+                            "\"tensorboard\"") from None
     return names
 
 

@@ -250,8 +250,13 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
 def make_accelerator(t, output_dir: Path):
     """accelerate: devices, processes, mixed precision, gradient accumulation, the tracker."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # mixed precision; a second run in one Python process (a notebook, a script training two LoRAs)
+    # starts from a clean one. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     mixed_precision = t.mixed_precision
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         log.warning("training.mixed_precision = \"fp16\" needs a CUDA GPU; training in fp32 on this machine")
