@@ -27,8 +27,9 @@ Every noise function takes a `torch.Generator | None` and touches no global rand
 from __future__ import annotations
 
 import importlib
-import logging
 import os
+
+from lora_offset import quiet as _quiet
 
 __version__ = "0.1.0"
 
@@ -39,12 +40,9 @@ __version__ = "0.1.0"
 # it first runs, so it is set here, before anything computes; a user's own MKL_CBWR wins.
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
-# bitsandbytes (imported by peft) warns at import, on CPUs with AVX512-BF16, that it could not load
-# an optional CPU kernel from the `kernels` package. Nothing here uses it (NF4 bases run on CPU
-# without it, tests/test_base_precision.py), and the notice would open every command's output.
-OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not record.getMessage().startswith(OPTIONAL_KERNEL_NOTICE))
+# Library notices a user cannot act on (bitsandbytes logs one while it is imported) are dropped
+# from here on; real warnings still show (lora_offset/quiet.py names each and why).
+_quiet.install_filters()
 
 _PUBLIC = {
     "offset_noise": "lora_offset.training.noise",

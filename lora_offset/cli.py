@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-dataset": ("lora_offset.experiments.make_dataset", "write a synthetic dataset (solid colours, ...)"),
     "demo": ("lora_offset.experiments.demo", "reproduce the solid-black experiment offline on CPU"),
 }
+# Commands that load models through transformers / diffusers: their libraries' own progress bars are
+# turned off (lora_offset/quiet.py). The others never import those libraries, which takes seconds.
+LOADS_MODELS = {"train", "merge", "extract", "eval", "demo"}
 
 
 def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.ArgumentParser:
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if args.command in LOADS_MODELS:
+        from lora_offset.quiet import disable_library_progress_bars
+
+        disable_library_progress_bars()
     try:
         return int(args._run(args) or 0)
     except UserError as e:

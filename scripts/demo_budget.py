@@ -27,6 +27,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from lora_offset.experiments import demo, demo_base, demo_jobs, demo_report  # noqa: E402
+from lora_offset.quiet import disable_library_progress_bars  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=demo.PROTOCOL["learning_rate"])
     p.add_argument("--rank", type=int, default=demo.PROTOCOL["rank"], help="rank = alpha = conv rank = conv alpha")
     args = p.parse_args(argv)
-    demo.quiet_libraries()
+    disable_library_progress_bars()
     out = Path(args.out)
     rungs = sorted(args.rungs)
     protocol = {**demo.PROTOCOL, "max_steps": rungs[-1], "learning_rate": args.learning_rate,

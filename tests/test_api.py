@@ -32,7 +32,8 @@ def test_bitsandbytes_optional_kernel_notice_is_dropped_and_other_warnings_are_n
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING):
-        logger.warning("%s: No module named 'kernels'. Please make sure ...", lora_offset.OPTIONAL_KERNEL_NOTICE)
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. "
+                       "Please make sure you already `pip install kernels` and the kernels >= 0.11.1")
         logger.warning("some other bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
     done = subprocess.run([sys.executable, "-m", "lora_offset", "--help"], capture_output=True, text=True,

@@ -286,22 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="jobs run at once, one CPU thread each (default 2)")
 
 
-def quiet_libraries() -> None:
-    """One progress line per stage: no library bars ("Loading weights", "Writing model shards"), no
-    notices a user cannot act on (bitsandbytes' CPU kernels, diffusers' "no LoRA keys for the text encoder")."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()
-        library.set_verbosity_error()
-
-
 def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
-    quiet_libraries()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "report.json").exists() and not (out / "base-model").exists():
         raise UserError(f"--out {out} exists and holds other files; give a new or empty folder")

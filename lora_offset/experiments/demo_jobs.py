@@ -345,9 +345,9 @@ JOBS = {"classes": job_classes, "gates": job_gates, "train": job_train, "eval": 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name, out, *rest = argv
-    from lora_offset.experiments.demo import quiet_libraries
+    from lora_offset.quiet import disable_library_progress_bars
 
-    quiet_libraries()
+    disable_library_progress_bars()
     torch.set_num_threads(1)
     JOBS[name](Path(out), *rest)
     return 0
