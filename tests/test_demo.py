@@ -12,7 +12,7 @@ import torch
 
 from lora_offset.config import Config
 from lora_offset.errors import UserError
-from lora_offset.experiments import demo, demo_base, demo_jobs, demo_report, demo_world, leak
+from lora_offset.experiments import demo, demo_base, demo_jobs, demo_report, demo_runner, demo_world, leak
 
 ASSET = demo_base.ASSETS_DIR / demo_base.WEIGHTS_NAME
 
@@ -364,21 +364,35 @@ def test_job_plan_trains_before_it_evaluates():
 
 
 def test_run_jobs_runs_two_at_a_time_in_order_and_reports_a_failure(tmp_path):
+    import subprocess
+
     script = ("import sys, time, pathlib; out, name = pathlib.Path(sys.argv[1]), sys.argv[2]; "
               "(out / f'{name}.start').write_text(str(time.time())); time.sleep(0.3); "
               "sys.exit(3) if name == 'bad' else (out / f'{name}.end').write_text(str(time.time()))")
-    command = lambda out, args: [sys.executable, "-c", script, str(out), args[0]]  # noqa: E731
+
+    def start(out, args, logfile):
+        return subprocess.Popen([sys.executable, "-c", script, str(out), args[0]], stdout=logfile.open("w"),
+                                stderr=subprocess.STDOUT)
+
     plan = [("a", ["a"], []), ("b", ["b"], []), ("c", ["c"], ["a"])]
     lines = []
-    timings = demo.run_jobs(tmp_path, plan, 2, lines.append, command=command)
+    timings = demo_runner.run_jobs(tmp_path, plan, 2, lines.append, start=start)
     assert set(timings) == {"a", "b", "c"}
     t = {n: (float((tmp_path / f"{n}.start").read_text()), float((tmp_path / f"{n}.end").read_text())) for n in "abc"}
     assert t["c"][0] >= t["a"][1]  # c needs a
     assert t["b"][0] < t["a"][1]  # a and b ran together
     assert "a: started" in lines and any(line.startswith("c: done") for line in lines)
     with pytest.raises(UserError, match="demo job 'bad' failed"):
-        demo.run_jobs(tmp_path, [("bad", ["bad"], []), ("after", ["after"], ["bad"])], 2, lines.append, command=command)
+        demo_runner.run_jobs(tmp_path, [("bad", ["bad"], []), ("after", ["after"], ["bad"])], 2, lines.append,
+                             start=start)
     assert not (tmp_path / "after.start").exists()
+
+
+def test_a_forked_job_that_fails_stops_the_demo_with_its_traceback(tmp_path):
+    """The default start: a process forked from the fork server, its output (and traceback) in its log."""
+    demo_jobs.write_json(tmp_path / demo_jobs.PROTOCOL_FILE, {"arms": {}})
+    with pytest.raises(UserError, match=r"(?s)demo job 'eval nowhere' failed; the end of .*eval-nowhere\.log:.*KeyError: 'nowhere'"):
+        demo_runner.run_jobs(tmp_path, [("eval nowhere", ["eval", "nowhere"], [])], 1, lambda line: None)
 
 
 # ---------------------------------------------------------------------------------------------- verdicts

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -105,19 +102,15 @@ RANGE_IMAGES = 256
 # Data and configs
 
 
-# The control's instance (v5): a solid mid-grey picture, the class's brightness (so x_T's channel
-# mean does not stand in its way), whose identity is that it is flat: no shape, no pattern.
-CONTROL_GREY = "#808080"
-
-
 def write_data(out: Path, p: dict, arms: dict) -> None:
     """Instance folders (solid black, solid grey) and, for --full, captioned pictures of the base's world."""
+    from lora_offset.experiments import demo_jobs
     from lora_offset.experiments.make_dataset import make_solid, write_images
     from lora_offset.experiments.sample import to_pil
 
     data = out / "data"
     make_solid("black", p["instance_images"], RESOLUTION, data / "black")
-    make_solid(CONTROL_GREY, p["instance_images"], RESOLUTION, data / "grey")
+    make_solid(demo_jobs.CONTROL_GREY, p["instance_images"], RESOLUTION, data / "grey")
     if any(a["instance"] == "world" for a in arms.values()):
         from lora_offset.experiments import demo_world
         from lora_offset.fileio import atomic_write_text
@@ -155,7 +148,7 @@ def arm_config(name: str, arm: dict, out: Path, p: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running the jobs: two at a time as subprocesses, each job after the jobs it needs
+# The jobs: two at a time (lora_offset/experiments/demo_runner.py), each after the jobs it needs
 
 
 def job_plan(arms: dict) -> list[tuple[str, list[str], list[str]]]:
@@ -168,78 +161,18 @@ def job_plan(arms: dict) -> list[tuple[str, list[str], list[str]]]:
     return plan
 
 
-def job_command(out: Path, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lora_offset.experiments.demo_jobs", args[0], str(out), *args[1:]]
-
-
-def run_jobs(out: Path, plan, workers: int, say, command=job_command) -> dict[str, float]:
-    """Run the plan: `workers` subprocesses at once (one torch thread each; `command(out, args)` gives a
-    job's command line), or in-process one after another with workers = 0. A subprocess job's output
-    goes to DIR/logs/<job>.log; a failed job stops the demo (after the running ones finish) with its log's tail."""
-    from lora_offset.experiments import demo_jobs
-
-    timings: dict[str, float] = {}
-    if workers == 0:
-        for job_id, args, _ in plan:  # plan order respects every job's needs
-            say(f"{job_id}: started")
-            t0 = time.perf_counter()
-            demo_jobs.main([args[0], str(out), *args[1:]])
-            timings[job_id] = time.perf_counter() - t0
-            say(f"{job_id}: done in {timings[job_id]:.0f} s")
-        return timings
-    done: set[str] = set()
-    pending = list(plan)
-    running: set[str] = set()
-    failures: list[str] = []
-    lock = threading.Condition()
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
-           "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
-
-    def run_one(job_id: str, args: list[str]) -> None:
-        t0 = time.perf_counter()
-        logfile = out / "logs" / f"{job_id.replace(' ', '-')}.log"
-        with open(logfile, "w") as f:
-            ok = subprocess.run(command(out, args), stdout=f, stderr=subprocess.STDOUT, env=env).returncode == 0
-        with lock:
-            timings[job_id] = time.perf_counter() - t0
-            if ok:
-                done.add(job_id)
-                say(f"{job_id}: done in {timings[job_id]:.0f} s")
-            else:
-                tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
-                failures.append(f"demo job '{job_id}' failed; the end of {logfile}:\n  " + "\n  ".join(tail))
-            running.discard(job_id)
-            lock.notify_all()
-
-    with lock:
-        while (pending or running) and not failures:
-            ready = [j for j in pending if all(d in done for d in j[2])]
-            if ready and len(running) < workers:
-                job_id, args, _ = ready[0]
-                pending.remove(ready[0])
-                running.add(job_id)
-                say(f"{job_id}: started")
-                threading.Thread(target=run_one, args=(job_id, args), daemon=True).start()
-            else:
-                lock.wait()
-        while running:
-            lock.wait()
-    if failures:
-        raise UserError(failures[0])
-    return timings
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
 def run_demo(out: Path, quick: bool = False, full: bool = False, jobs: int = 2, weights: Path | None = None,
              say=print) -> dict:
-    """Run the demo into `out`; `jobs` subprocesses at once (0: every job in this process, one after another)."""
-    from lora_offset.experiments import demo_base, demo_jobs, demo_report
+    """Run the demo into `out`; `jobs` processes at once (0: every job in this process, one after another)."""
+    from lora_offset.experiments import demo_base, demo_jobs, demo_report, demo_runner
     from lora_offset.fileio import atomic_write_text
 
+    if jobs > 0:  # its imports run while the data is written
+        demo_runner.start_fork_server()
     p = dict(QUICK if quick else PROTOCOL)
     arms = {**ARMS, **(FULL_ARMS if full else {})}
     p["arms"] = {name: {**arm, "prompts": RANGE_PROMPTS if arm["instance"] == "world" else [INSTANCE_PROMPT, CLASS_PROMPT]}
@@ -258,7 +191,7 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, jobs: int = 2, 
         atomic_write_text(out / "loras" / f"{name}.toml", to_toml(arm_config(name, arm, out, p)))
     plan = job_plan(arms)
     timings = {"setup": time.perf_counter() - started}
-    job_times = run_jobs(out, plan, max(0, jobs), say)
+    job_times = demo_runner.run_jobs(out, plan, max(0, jobs), say)
     timings.update(job_times)
     timings["total"] = time.perf_counter() - started
     report = demo_report.build_report(out, p, timings, base_record=demo_base.read_record(weights))

@@ -1,8 +1,8 @@
 """The demo's jobs: one function per unit of work, each reading and writing files in the demo folder.
 
-`lora-offset demo` (lora_offset/experiments/demo.py) runs them two at a time as subprocesses
-(`python -m lora_offset.experiments.demo_jobs JOB OUT [ARM]`), or one after another in-process
-with `--jobs 1`. Each job writes one JSON file that the report reads:
+`lora-offset demo` (lora_offset/experiments/demo.py) runs them two at a time, each in a process
+forked for it (lora_offset/experiments/demo_runner.py); `python -m lora_offset.experiments.demo_jobs
+JOB OUT [ARM]` runs one by hand. Each job writes one JSON file that the report reads:
 
     gates OUT         base-model checks (a)-(c), SD 1.5 match, the base's own evaluation   -> gates.json
     train OUT ARM     one LoRA through lora_offset.training.train (the real trainer)        -> loras/ARM/...
@@ -25,6 +25,9 @@ import torch
 from lora_offset.fileio import atomic_write_text
 
 PROTOCOL_FILE = "protocol.json"
+# The control's instance (v5): a solid mid-grey picture, the class's brightness (so x_T's channel
+# mean does not stand in its way), whose identity is that it is flat: no shape, no pattern.
+CONTROL_GREY = "#808080"
 
 
 def read_protocol(out: Path) -> dict:
@@ -109,7 +112,6 @@ def within_image_spread(luminance: np.ndarray) -> np.ndarray:
 def control_template(components: dict, p: dict) -> dict:
     """The control's instance (solid mid-grey) as the base's VAE shows it (encode, decode): its mean
     luminance and within-image spread, the flattest the samples can get."""
-    from lora_offset.experiments.demo import CONTROL_GREY
     from lora_offset.experiments.demo_base import reconstruct
     from lora_offset.experiments.make_dataset import solid_image
 
@@ -118,10 +120,10 @@ def control_template(components: dict, p: dict) -> dict:
     return {"mean_luminance": float(rec.mean()), "spread": float(within_image_spread(rec)[0])}
 
 
-def control_check(pipe, components: dict, p: dict) -> dict:
-    """The instance prompt's samples (the eval seeds) against the control's template."""
+def control_check(decoded: torch.Tensor, components: dict, p: dict) -> dict:
+    """The instance prompt's samples (raw decodes at the eval seeds) against the control's template."""
     template = control_template(components, p)
-    lum = luminance_of_pixels(sample(pipe, p["instance_prompt"], p))
+    lum = luminance_of_pixels(decoded)
     return {"spread": float(within_image_spread(lum).mean()), "mean_luminance": float(lum.mean()),
             "template_mean_luminance": template["mean_luminance"], "template_spread": template["spread"]}
 
@@ -177,8 +179,21 @@ def job_gates(out: Path) -> dict:
     lum = lambda decoded: luminance_of(decoded)  # noqa: E731
     result: dict = {"gates": {}}
 
+    # The base model's own evaluation, at the arms' seeds, prompts and sampler. Its images of the
+    # instance and class prompts are the ones gates (a) and (c) need (the same pipeline, seeds and
+    # settings as `sample`): kept, not generated again.
+    common = dict(n=n, steps=p["eval_steps"], seed=p["eval_seed"], guidance_scale=p["guidance_scale"],
+                  resolution=p["resolution"], batch_size=p["sample_batch"], components=c)
+    prompts = [p["instance_prompt"], p["class_prompt"]]
+    base_images: dict[str, torch.Tensor] = {}
+    result["eval"] = {"plain": evaluate(
+        str(out / "base-model"), [], prompts, out=out / "eval" / "base" / "plain",
+        on_decoded=lambda setting, prompt, decoded: base_images.__setitem__(prompt, torch.from_numpy(decoded)),
+        **common)}
+    inst, cls = base_images[p["instance_prompt"]], base_images[p["class_prompt"]]
+
     # (a) brightness follows x_T's channel mean: full leaks of solid black / white.
-    plain = lum(sample(pipe, p["class_prompt"], p))
+    plain = lum(cls)
     shifted = {color: lum(sample(pipe, p["class_prompt"], p, leaks=instance_leak(c, p, color).expand(n, -1)))
                for color in ("black", "white")}
     g = p["gates"]["a_min_shift"]
@@ -210,8 +225,6 @@ def job_gates(out: Path) -> dict:
 
     shown = {hue: reconstruct(c["vae"], circles_of(hue, p)) for hue in ("red", "blue")}
     reachable_gap = float(redness(shown["red"]).mean() - redness(shown["blue"]).mean())
-    inst = sample(pipe, p["instance_prompt"], p)
-    cls = sample(pipe, p["class_prompt"], p)
     token_gap = float(((inst - cls).abs() / 2).mean())
     share = p["gates"]["c_min_colour_share"]
     result["gates"]["c_text_works"] = {
@@ -251,11 +264,6 @@ def job_gates(out: Path) -> dict:
                  "z_standard": z_score(0.076**2, 1.2, 4096), "z_offset": z_score(0.076**2, 1.2, 4096, 0.1)},
     }
 
-    # The base model's own evaluation, at the arms' seeds, prompts and sampler.
-    common = dict(n=n, steps=p["eval_steps"], seed=p["eval_seed"], guidance_scale=p["guidance_scale"],
-                  resolution=p["resolution"], batch_size=p["sample_batch"], components=c)
-    prompts = [p["instance_prompt"], p["class_prompt"]]
-    result["eval"] = {"plain": evaluate(str(out / "base-model"), [], prompts, out=out / "eval" / "base" / "plain", **common)}
     result["eval"]["leak"] = {
         str(f): evaluate(str(out / "base-model"), [], [p["instance_prompt"]], out=out / "eval" / "base" / f"leak-{f:g}",
                          start_from_leak=out / "data" / "black", leak_fraction=f, **common)
@@ -317,13 +325,13 @@ def job_eval(out: Path, arm: str) -> dict:
     folder = out / "eval" / arm
     common = dict(n=p["eval_n"], steps=p["eval_steps"], seed=p["eval_seed"], guidance_scale=p["guidance_scale"],
                   resolution=p["resolution"], batch_size=p["sample_batch"], components=c, include_base=False)
-    result = {"adapter": adapter, "plain": evaluate(str(out / "base-model"), [adapter], arm_cfg["prompts"],
-                                                     out=folder / "plain", **common)}
+    images: dict[str, torch.Tensor] = {}
+    result = {"adapter": adapter, "plain": evaluate(
+        str(out / "base-model"), [adapter], arm_cfg["prompts"], out=folder / "plain",
+        on_decoded=lambda setting, prompt, decoded: images.__setitem__(prompt, torch.from_numpy(decoded)), **common)}
     instance_dir = out / "data" / arm_cfg["instance"]
     if arm_cfg["instance"] == "grey":  # the positive control: are its samples as flat as its instance?
-        pipe = pipeline(c)
-        pipe.load_lora_weights(adapter, adapter_name="arm")
-        result["control_check"] = control_check(pipe, c, p)
+        result["control_check"] = control_check(images[p["instance_prompt"]], c, p)
     if arm_cfg.get("diagnostics"):
         result["leak"] = {
             str(f): evaluate(str(out / "base-model"), [adapter], [p["instance_prompt"]], out=folder / f"leak-{f:g}",
@@ -340,6 +348,28 @@ def job_eval(out: Path, arm: str) -> dict:
 
 
 JOBS = {"classes": job_classes, "gates": job_gates, "train": job_train, "eval": job_eval}
+
+
+def run_logged(out: str, args: list[str], logfile: str) -> None:
+    """One job in a process forked for it (lora_offset/experiments/demo_runner.py): its output into
+    `logfile`, a failure as a traceback there and exit status 1."""
+    import os
+    import traceback
+
+    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        main([args[0], out, *args[1:]])
+    except BaseException:
+        traceback.print_exc()
+        raise SystemExit(1)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

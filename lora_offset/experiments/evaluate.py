@@ -187,7 +187,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
              negative_prompt: str = "", batch_size: int = 4, clip_skip: int = 1, components: dict | None = None,
              start_from_leak=None, leak_fraction: float = 1.0, include_base: bool = True,
              sampler: str = "ddim", max_token_length: int = 75,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None,
+             on_decoded: Callable[[str, str, np.ndarray], None] | None = None) -> dict:
     """Generate N images per setting and prompt, write the report files into `out`, return the report.
 
     `base`: diffusers folder, hub id or single-file SD 1.x checkpoint (see lora_offset.training.models).
@@ -204,6 +205,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     image starts from sqrt(1 - abar) * noise + sqrt(abar) * leak, the leak's channel means drawn per
     image from the folder's latent channel-mean statistics and scaled by `leak_fraction` (Everaert
     et al. 2024; a training-free brightness fix). `include_base=False` skips the base-model setting.
+    `on_decoded(setting, prompt, decoded)` gets each setting's and prompt's raw decodes (N, 3, H, W),
+    so a caller that needs the images themselves does not generate them a second time (the demo).
     """
     from lora_offset.experiments.sample import (SAMPLERS, ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded,
                                                 sampler_supports_zero_terminal_snr, to_pil, to_unit_range,
@@ -299,6 +302,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
                                            height=resolution, width=resolution, negative_prompt=negative_prompt,
                                            batch_size=batch_size, clip_skip=clip_skip,
                                            max_token_length=max_token_length, leaks=leaks).numpy()
+                if on_decoded is not None:
+                    on_decoded(name, prompt, decoded)
                 images = to_unit_range(decoded)
                 stats = brightness_stats(images, unclamped=np.transpose(decoded, (0, 2, 3, 1)) / 2 + 0.5)
                 grid_name = f"grid_{name}_{p_index:02d}_{_slug(prompt)}.png"
