@@ -25,8 +25,9 @@ import pytest
 
 from lora_offset.arguments import FileAndNumber, Number, OutputPath, split_file_and_number
 from lora_offset.cli import build_parser, main
-from lora_offset.fileio import atomic_write_bytes, describe_os_error, output_problem
 from lora_offset.errors import UserError
+from lora_offset.fileio import atomic_write_bytes, describe_os_error, output_problem
+from tests.cli_driver import stop_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -155,6 +156,7 @@ def test_every_number_refuses_nan_inf_negative_and_huge_values(words, parser, ac
     # The range is a range: its ends and a value inside are taken.
     for value in (inside(number), show(number.high), *([] if number.low_open else [show(number.low)])):
         assert number(value) == number.kind(value)
+    stop_commands(monkeypatch.setattr)  # a value let through fails at once, not after running the command
     monkeypatch.chdir(tmp_path)  # a default output (eval's ./eval) would be looked at here
     for value in outside(number):
         text = f"{tmp_path / 'in.safetensors'}:{value}" if isinstance(action.type, FileAndNumber) else value
@@ -246,11 +248,11 @@ def unprivileged() -> list[str]:
     return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
 
 
-def run_unprivileged(cases: list[list[str]], probe: Path, cwd: Path) -> list[dict]:
+def run_unprivileged(cases: list[list[str]], probe: Path, cwd: Path, parse_only: bool = False) -> list[dict]:
     """Run the command lines in one unprivileged process (tests/cli_driver.py); it must not write in `probe`."""
+    request = {"probe": str(probe), "cases": cases, "parse_only": parse_only}
     proc = subprocess.run([*unprivileged(), sys.executable, "-m", "tests.cli_driver"], cwd=cwd, env=ENV,
-                          input=json.dumps({"probe": str(probe), "cases": cases}), capture_output=True, text=True,
-                          timeout=600)
+                          input=json.dumps(request), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["probe"] == "Permission denied", report["probe"]  # the folder is really read-only to the commands
@@ -258,6 +260,7 @@ def run_unprivileged(cases: list[list[str]], probe: Path, cwd: Path) -> list[dic
 
 
 def test_every_output_refuses_a_path_in_the_way_a_missing_folder_and_a_read_only_folder(places, monkeypatch, capsys):
+    stop_commands(monkeypatch.setattr)
     monkeypatch.chdir(places)
     before = tree(places)
     read_only = []
@@ -271,8 +274,8 @@ def test_every_output_refuses_a_path_in_the_way_a_missing_folder_and_a_read_only
                 line = assert_one_error(main(argv), capsys.readouterr().err, f"argument {name_of(action)}: ", str(path))
                 assert " or " in line or "; " in line  # what to do, after what is wrong
     assert len(read_only) >= len(OUTPUTS)
-    for (argv, action, path), result in zip(read_only, run_unprivileged([a for a, _, _ in read_only], places / "ro",
-                                                                        places)):
+    results = run_unprivileged([argv for argv, _, _ in read_only], places / "ro", places, parse_only=True)
+    for (argv, action, path), result in zip(read_only, results):
         line = assert_one_error(result["rc"], result["err"], f"argument {name_of(action)}: ", str(path))
         assert "is not writable (permission denied); choose another folder or change its permissions" in line, line
     assert tree(places) == before  # no output, no temporary file, no folder
