@@ -413,3 +413,22 @@ def test_a_full_disk_is_one_line_for_every_tool_and_leaves_no_temporary_file(ful
         line = assert_one_error(main(argv), capsys.readouterr().err, f"no space left in '{out}'", "free some space")
         assert line.startswith("error: "), line
         assert tree(out) == [], argv
+
+
+def test_the_readme_shows_what_the_tools_print(tmp_path, monkeypatch, capsys):
+    """The README's "What happens when…" rows for the tools quote these lines."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    stop_commands(monkeypatch.setattr)
+    monkeypatch.chdir(tmp_path)
+    for argv, line in [
+        (["merge", "--lora", "x.safetensors:nan", "--out", "m.safetensors"],
+         "lora-offset merge: error: argument --lora: x.safetensors:nan: the ratio nan is not a finite number; give a "
+         "number from -100 to 100 (a negative ratio subtracts the LoRA)"),
+        (["convert", "in.safetensors", "loras/x.safetensors"],
+         "lora-offset convert: error: argument OUT: cannot write 'loras/x.safetensors': the folder 'loras' does not "
+         "exist; create it first or choose another path"),
+    ]:
+        assert main(argv) == 2
+        assert error_lines(capsys.readouterr().err) == [line]
+        assert f"`{line}`" in readme
+    assert tree(tmp_path) == []
