@@ -279,12 +279,14 @@ def to_toml(config: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo-output", metavar="DIR", type=OutputPath("folder"), help="output folder (default ./demo-output)")
+    parser.add_argument("--out", default="demo-output", metavar="DIR", type=OutputPath("folder"),
+                        help="output folder (default ./demo-output)")
     parser.add_argument("--quick", action="store_true", help="a pipeline check in seconds: tiny steps, numbers mean nothing")
     parser.add_argument("--full", action="store_true",
                         help="also the brightness-range arms (a LoRA on the base's own captioned pictures, "
                              "with and without offset noise); about 12 minutes on 2 CPU cores instead of 10")
-    parser.add_argument("--jobs", type=Number(int, 1, 256), default=2, help="jobs run at once, one CPU thread each (default 2)")
+    parser.add_argument("--jobs", type=Number(int, 1, 256), default=2,
+                        help="jobs run at once, one CPU thread each (default 2)")
 
 
 def quiet_libraries() -> None:

@@ -346,12 +346,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT")
     parser.add_argument("--n", type=Number(int, 1, 10000), default=16, help="images per setting and prompt (default 16)")
-    parser.add_argument("--steps", type=Number(int, 1, 1000, why="SD 1.x has 1000 timesteps"), default=30, help="sampling steps (default 30)")
+    parser.add_argument("--steps", type=Number(int, 1, 1000, why="SD 1.x has 1000 timesteps"), default=30,
+                        help="sampling steps (default 30)")
     parser.add_argument("--sampler", default="ddim", metavar="NAME",
                         help="kohya's sampler names: ddim (default), euler, euler_a, dpm++_2m_karras, ...")
     parser.add_argument("--seed", type=Number(int, 0, SEED_MAX), default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--out", default="eval", metavar="DIR", type=OutputPath("folder"), help="output folder (default ./eval)")
-    parser.add_argument("--guidance", type=Number(float, 0, 50), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--out", default="eval", metavar="DIR", type=OutputPath("folder"),
+                        help="output folder (default ./eval)")
+    parser.add_argument("--guidance", type=Number(float, 0, 50), default=7.5,
+                        help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--resolution", type=Number(int, 8, 4096), default=512, help="image size in pixels (default 512)")
     parser.add_argument("--batch-size", type=Number(int, 1, 1024), default=4, help="images generated at once (default 4)")
     parser.add_argument("--clip-skip", type=Number(int, 1, 12, why="SD 1.x's text encoder has 12 layers"), default=1,
@@ -369,8 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate(args.base, [LoraSpec(path, weight) for path, weight in args.lora], args.prompt, n=args.n, steps=args.steps,
-                      seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
+    report = evaluate(args.base, [LoraSpec(path, weight) for path, weight in args.lora], args.prompt, n=args.n,
+                      steps=args.steps, seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
                       allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                       clip_skip=args.clip_skip, start_from_leak=args.start_from_leak, leak_fraction=args.leak_fraction,
                       sampler=args.sampler, max_token_length=args.max_token_length,

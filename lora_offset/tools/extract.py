@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="A", help="the original SD 1.x model: single file or diffusers folder")
     parser.add_argument("--tuned", required=True, metavar="B", help="the fine-tuned model: single file or diffusers folder")
     parser.add_argument("--rank", required=True, type=Number(int, 1, RANK_MAX), help="LoRA rank of the extracted modules")
-    parser.add_argument("--conv-rank", type=Number(int, 1, RANK_MAX), help="also extract the ResNet and sampler convolutions, 3x3 ones at this rank")
+    parser.add_argument("--conv-rank", type=Number(int, 1, RANK_MAX),
+                        help="also extract the ResNet and sampler convolutions, 3x3 ones at this rank")
     parser.add_argument("--clamp-quantile", type=Number(float, 0, 1, low_open=True),
                         help="clamp the factors to this quantile of their values, as kohya (default there: 0.99); "
                         "off by default: it trades the SVD optimum for smaller extreme values")

@@ -36,8 +36,8 @@ from lora_offset.training import base_precision
 log = logging.getLogger("lora_offset")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "lora_offset.merged_loras"
-# A LoRA's ratio: negative ratios subtract it (kohya's merge takes them); beyond +-100 a merge only
-# destroys the weights, and fp16 tensors overflow.
+# A LoRA's ratio: negative ratios subtract it (kohya's merge takes them); no merge anyone means goes
+# beyond +-100 (at 1e30 every weight the LoRA touches becomes inf).
 RATIO = Number(float, -100, 100, why="a negative ratio subtracts the LoRA")
 
 
@@ -263,7 +263,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="without --base: stack the LoRAs' ranks, an exact merge (the default)")
     parser.add_argument("--rank", type=Number(int, 1, RANK_MAX),
                         help="without --base: the best rank-R approximation of the sum (SVD)")
-    parser.add_argument("--conv-rank", type=Number(int, 1, RANK_MAX), help="without --base, with --rank: the rank of 3x3 convolution modules")
+    parser.add_argument("--conv-rank", type=Number(int, 1, RANK_MAX),
+                        help="without --base, with --rank: the rank of 3x3 convolution modules")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .ckpt/.pt inputs (loaded with torch.load(weights_only=True)); only for files you trust")
 

@@ -149,7 +149,8 @@ def _rewrite_hint(key: str, value, default) -> str:
         except (tomllib.TOMLDecodeError, ValueError):
             continue
         if not isinstance(parsed, str) and _wanted_type(parsed, default) is None:
-            return f"; write {key} = {_toml(parsed)} ({'a TOML array' if isinstance(parsed, list) else 'no quotes'}, not a string)"
+            kind = "a TOML array" if isinstance(parsed, list) else "no quotes"
+            return f"; write {key} = {_toml(parsed)} ({kind}, not a string)"
     return ""
 
 
