@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         commands = {argv[0]: COMMANDS[argv[0]]}
     parser = build_parser(commands)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage and its one `error:` line (or --help, --version)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -69,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be written, an unreadable file, ...: one line, not a traceback
+        from lora_offset.fileio import describe_os_error
+
+        _close_progress_bars()
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()

@@ -219,12 +219,21 @@ def _resolve_kohya_folders(d: DatasetConfig, where: str, source: str) -> None:
         folder = Path(root)
         if not folder.is_dir():
             raise UserError(f"{source}: {key} = {root!r} is not a folder")
-        matched, ignored = [], []
+        matched, ignored, no_repeats = [], [], []
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            (matched if KOHYA_FOLDER.match(sub.name) else ignored).append(sub)
+            match = KOHYA_FOLDER.match(sub.name)
+            (ignored if match is None else no_repeats if int(match.group(1)) == 0 else matched).append(sub)
         if ignored:
             log.warning("%s: ignored %d subfolder(s) not named <repeats>_<class tokens>: %s",
                         key, len(ignored), ", ".join(p.name for p in ignored))
+        if no_repeats and matched:  # kohya skips them too: a way to leave a folder out
+            log.warning("%s: skipped %d subfolder(s) named with 0 repeats, as kohya does: %s; to train on one, "
+                        "rename it with its repeats per epoch, e.g. %s", key, len(no_repeats),
+                        ", ".join(p.name for p in no_repeats), _renamed(no_repeats[0]))
+        if no_repeats and not matched:
+            raise UserError(f"{source}: {key} = {root!r}: the folder '{no_repeats[0].name}' starts with 0 repeats, "
+                            f"so nothing is trained (the number before '_' is how often each image is used per "
+                            f"epoch; kohya skips 0): rename it, e.g. '{_renamed(no_repeats[0])}'")
         if not matched:
             raise UserError(f"{source}: {key} = {root!r} has no subfolder named like '10_sks dog' "
                             "(<repeats>_<class tokens>)")
@@ -234,6 +243,16 @@ def _resolve_kohya_folders(d: DatasetConfig, where: str, source: str) -> None:
         if match is None:
             continue
         if s.num_repeats == 1:  # kohya: the folder's number applies unless the config sets repeats
+            if int(match.group(1)) == 0:
+                raise UserError(f"{source}: the image folder '{s.image_dir}' starts with 0 repeats, so nothing of "
+                                "it is trained (<repeats>_<class tokens>: the number before '_' is how often each "
+                                f"image is used per epoch): rename it, e.g. '{_renamed(Path(s.image_dir))}' (a subset's "
+                                "num_repeats other than 1 overrides the folder's number)")
             s.num_repeats = int(match.group(1))
         if s.class_tokens is None:
             s.class_tokens = match.group(2)
+
+
+def _renamed(folder: Path) -> str:
+    """A kohya folder `0_cat` as it trains: `1_cat`."""
+    return "1_" + KOHYA_FOLDER.match(folder.name).group(2)

@@ -120,6 +120,28 @@ def test_kohya_train_and_reg_data_dir(tmp_path):
         ("5_sks cat", 5, "sks cat", False), ("1_cat", 1, "cat", True)]
 
 
+def test_a_kohya_folder_with_0_repeats_is_named_with_its_fix(tmp_path, caplog):
+    """kohya skips `0_` folders; alone, one is an error naming the folder and the prefix to change."""
+    (tmp_path / "train" / "0_cat").mkdir(parents=True)
+    config = write(tmp_path, f'[model]\npretrained = "x"\n[dataset]\ntrain_data_dir = "{tmp_path / "train"}"\n')
+    assert error_of(load_config, config) == (
+        f"{config}: dataset.train_data_dir = '{tmp_path / 'train'}': the folder '0_cat' starts with 0 repeats, so "
+        "nothing is trained (the number before '_' is how often each image is used per epoch; kohya skips 0): "
+        "rename it, e.g. '1_cat'")
+    (tmp_path / "train" / "5_dog").mkdir()
+    subsets = load_config(config).dataset.subsets
+    assert [Path(s.image_dir).name for s in subsets] == ["5_dog"]
+    assert "skipped 1 subfolder(s) named with 0 repeats, as kohya does: 0_cat; to train on one, rename it with " \
+           "its repeats per epoch, e.g. 1_cat" in caplog.text
+    named = write(tmp_path, MINIMAL.replace('image_dir = "imgs"', 'image_dir = "data/0_cat"'), "named.toml")
+    assert error_of(load_config, named) == (
+        f"{named}: the image folder 'data/0_cat' starts with 0 repeats, so nothing of it is trained (<repeats>_<class "
+        "tokens>: the number before '_' is how often each image is used per epoch): rename it, e.g. '1_cat' (a "
+        "subset's num_repeats other than 1 overrides the folder's number)")
+    kept = write(tmp_path, MINIMAL.replace('image_dir = "imgs"', 'image_dir = "data/0_cat"\nnum_repeats = 3'), "kept.toml")
+    assert load_config(kept).dataset.subsets[0].num_repeats == 3
+
+
 def test_kohya_dataset_config_is_accepted(tmp_path):
     dataset = write(tmp_path, """
 [general]

@@ -129,8 +129,6 @@ def test_bad_input(checkpoints, tmp_path, capsys):
     for argv, message in [
         (["--base", base, "--tuned", base, "--rank", "4", str(out)], "same weights in every LoRA target: nothing to extract"),
         (["--base", base, "--tuned", str(tmp_path / "nope.safetensors"), "--rank", "4", str(out)], "nope.safetensors: no such file"),
-        (["--base", base, "--tuned", base, "--rank", "0", str(out)], "--rank 0: a rank is a whole number >= 1"),
-        (["--base", base, "--tuned", base, "--rank", "2", "--clamp-quantile", "2", str(out)], "--clamp-quantile 2.0 must be in (0, 1]"),
         (["--base", base, "--tuned", base, "--rank", "2", str(tmp_path / "x.ckpt")], "must end in .safetensors"),
         (["--base", base, "--tuned", str(checkpoints["known"]), "--rank", "2", str(out)], "is not an SD 1.x checkpoint"),
         (["--base", base, "--tuned", str(pickled), "--rank", "2", str(out)], "--allow-pickle"),
@@ -138,4 +136,11 @@ def test_bad_input(checkpoints, tmp_path, capsys):
         assert main(["extract", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
+    for argv, line in [  # checked as the command line is parsed (lora_offset.arguments)
+        (["--rank", "0"], "argument --rank: 0 is out of range; give a whole number from 1 to 1280"),
+        (["--rank", "2", "--clamp-quantile", "2"],
+         "argument --clamp-quantile: 2 is out of range; give a number above 0 and at most 1"),
+    ]:
+        assert main(["extract", "--base", base, "--tuned", base, *argv, str(out)]) == 2, argv
+        assert capsys.readouterr().err.splitlines()[-1] == f"lora-offset extract: error: {line}"
     assert not out.exists()

@@ -83,6 +83,25 @@ def test_optimizer_args_are_checked_against_the_constructor():
         "scale_parameter": False, "relative_step": False, "warmup_init": False}
 
 
+def test_an_optimizer_argument_of_the_wrong_type_names_the_type_it_needs():
+    """Judged by the constructor's default, before the library compares a float with a str."""
+    for name, args, message in [
+        ("adamw", {"betas": "0.9,0.99"}, 'training.optimizer_args.betas = "0.9,0.99": torch.optim.adamw.AdamW takes a '
+         "list of 2 numbers for betas (its default: [0.9, 0.999]); write betas = [0.9, 0.99] (a TOML array, not a string)"),
+        ("adamw", {"betas": [0.9]}, "training.optimizer_args.betas = [0.9]: torch.optim.adamw.AdamW takes a list of 2 "
+         "numbers for betas (its default: [0.9, 0.999])"),
+        ("prodigy", {"d_coef": "2"}, 'training.optimizer_args.d_coef = "2": prodigyopt.prodigy.Prodigy takes a number '
+         "for d_coef (its default: 1.0); write d_coef = 2 (no quotes, not a string)"),
+        ("adamw", {"amsgrad": 1}, "training.optimizer_args.amsgrad = 1: torch.optim.adamw.AdamW takes true or false "
+         "for amsgrad (its default: false)"),
+    ]:
+        with pytest.raises(UserError) as info:
+            optimizers.check_optimizer_args(name, args)
+        assert str(info.value) == message
+    # an argument whose default says nothing (None) is left to the library
+    assert optimizers.check_optimizer_args("adamw", {"foreach": False}) == {"foreach": False}
+
+
 def test_optimizer_args_errors_come_from_the_config_before_the_model_loads(tmp_path, images, capsys):
     config = write_config(tmp_path, tmp_path / "no-model", images,
                           training={"optimizer": "lion8bit", "optimizer_args": {"beta": [0.9, 0.99]}})
@@ -91,6 +110,11 @@ def test_optimizer_args_errors_come_from_the_config_before_the_model_loads(tmp_p
     assert f"{config}: training.optimizer_args.beta: bitsandbytes.optim.lion.Lion8bit has no argument 'beta'; " \
            "did you mean 'betas'?" in err
     assert "no-model" not in err
+    config = write_config(tmp_path, tmp_path / "no-model", images, training={"optimizer_args": {"betas": "0.9,0.99"}})
+    assert main(["train", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (  # the default optimizer, adamw8bit, as the issue met it
+        f'error: {config}: training.optimizer_args.betas = "0.9,0.99": bitsandbytes.optim.adamw.AdamW8bit takes a list '
+        "of 2 numbers for betas (its default: [0.9, 0.999]); write betas = [0.9, 0.99] (a TOML array, not a string)\n")
 
 
 # ---- learning-rate schedules ----------------------------------------------------------------------

@@ -175,10 +175,12 @@ def test_verbose_cli_and_bad_input(trained, tmp_path, capsys):
         ([str(trained), str(out), "--dynamic", "sv_fro"], "--dynamic sv_fro needs --param P"),
         ([str(trained), str(out), "--dynamic", "sv_fro", "--param", "1.5"], "P must be in (0, 1]"),
         ([str(trained), str(out), "--dynamic", "sv_ratio", "--param", "0.5"], "P must be >= 1"),
-        ([str(trained), str(out), "--rank", "0"], "--rank 0: a rank is a whole number >= 1"),
         ([str(trained), str(trained), "--rank", "2"], "is the input file"),
         ([str(tmp_path / "missing.safetensors"), str(out), "--rank", "2"], "missing.safetensors: no such file"),
     ]:
         assert main(["resize", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: resize: ") and message in err, (argv, err)
+    assert main(["resize", str(trained), str(out), "--rank", "0"]) == 2  # checked as it is parsed
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "lora-offset resize: error: argument --rank: 0 is out of range; give a whole number from 1 to 1280")

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
+from lora_offset.arguments import Number, OutputPath
 from lora_offset.errors import UserError
 
 log = logging.getLogger("lora_offset")
@@ -211,17 +211,17 @@ def to_toml(config: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default ./demo-output)")
+    parser.add_argument("--out", default="demo-output", metavar="DIR", type=OutputPath("folder"),
+                        help="output folder (default ./demo-output)")
     parser.add_argument("--quick", action="store_true", help="a pipeline check in seconds: tiny steps, numbers mean nothing")
     parser.add_argument("--full", action="store_true",
                         help="also the brightness-range arms (a LoRA on the base's own captioned pictures, "
                              "with and without offset noise); about 12 minutes on 2 CPU cores instead of 10")
-    parser.add_argument("--jobs", type=int, default=2, help="jobs run at once, one CPU thread each (default 2)")
+    parser.add_argument("--jobs", type=Number(int, 1, 256), default=2,
+                        help="jobs run at once, one CPU thread each (default 2)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "report.json").exists() and not (out / "base-model").exists():
         raise UserError(f"--out {out} exists and holds other files; give a new or empty folder")

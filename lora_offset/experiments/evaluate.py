@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import platform
 import re
@@ -30,12 +31,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lora_offset.arguments import SEED_MAX, FileAndNumber, Number, OutputPath, split_file_and_number
 from lora_offset.errors import UserError
 from lora_offset.experiments.brightness_report import (
     brightness_stats, image_grid, luminance_histogram, render_markdown, write_histogram_plot)
-from lora_offset.fileio import atomic_write, atomic_write_text
+from lora_offset.fileio import atomic_write, atomic_write_text, check_readable
 
 PLOT_NAME = "luminance-histograms.png"
+# A LoRA's weight, as the web UIs' <lora:name:WEIGHT>: negative weights invert it.
+WEIGHT = Number(float, -100, 100, why="a negative weight inverts the LoRA")
 
 
 # ----------------------------------------------------------------------------- sampling settings
@@ -54,13 +58,8 @@ class SamplingSettings:
 
 def parse_lora_spec(text: str) -> LoraSpec:
     """'FILE' or 'FILE:WEIGHT' -> LoraSpec. A colon followed by a non-number is part of the path."""
-    path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return LoraSpec(Path(path), float(tail))
-        except ValueError:
-            pass
-    return LoraSpec(Path(text), 1.0)
+    path, weight = split_file_and_number(text)
+    return LoraSpec(Path(path), 1.0 if weight is None else float(weight))
 
 
 def _true(value) -> bool:
@@ -109,10 +108,13 @@ def read_lora_file(path: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a LoRA .safetensors file")
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path}")
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path}: eval reads LoRA files in .safetensors format only (convert it with `lora-offset convert`)")
+    check_readable(path)  # a PermissionError stays one, rather than "not readable (No such file)"
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -218,6 +220,11 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     prompts = list(prompts)
     if not prompts:
         raise UserError("give at least one --prompt")
+    bad_weights = [s for s in specs if not math.isfinite(s.weight)]
+    if bad_weights:
+        raise UserError(f"{bad_weights[0].path}: the LoRA weight {bad_weights[0].weight} is not a finite number")
+    if not math.isfinite(guidance_scale) or not math.isfinite(leak_fraction):
+        raise UserError(f"guidance {guidance_scale} and leak fraction {leak_fraction} must be finite numbers")
     if n < 1 or steps < 1:
         raise UserError(f"--n and --steps must be at least 1 (got n={n}, steps={steps})")
     if clip_skip < 1:
@@ -339,34 +346,39 @@ def _load_lora(pipe, spec: LoraSpec, state_dict: dict, adapter: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="MODEL", help="base SD 1.x model: diffusers folder, hub id or single .safetensors file")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        type=FileAndNumber(WEIGHT, name="weight"),
                         help="a LoRA .safetensors file and its weight (default 1.0); repeat for several")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT")
-    parser.add_argument("--n", type=int, default=16, help="images per setting and prompt (default 16)")
-    parser.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    parser.add_argument("--n", type=Number(int, 1, 10000), default=16, help="images per setting and prompt (default 16)")
+    parser.add_argument("--steps", type=Number(int, 1, 1000, why="SD 1.x has 1000 timesteps"), default=30,
+                        help="sampling steps (default 30)")
     parser.add_argument("--sampler", default="ddim", metavar="NAME",
                         help="kohya's sampler names: ddim (default), euler, euler_a, dpm++_2m_karras, ...")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--out", default="eval", metavar="DIR", help="output folder (default ./eval)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (default 512)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images generated at once (default 4)")
-    parser.add_argument("--clip-skip", type=int, default=1, metavar="N",
+    parser.add_argument("--seed", type=Number(int, 0, SEED_MAX), default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--out", default="eval", metavar="DIR", type=OutputPath("folder"),
+                        help="output folder (default ./eval)")
+    parser.add_argument("--guidance", type=Number(float, 0, 50), default=7.5,
+                        help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--resolution", type=Number(int, 8, 4096), default=512, help="image size in pixels (default 512)")
+    parser.add_argument("--batch-size", type=Number(int, 1, 1024), default=4, help="images generated at once (default 4)")
+    parser.add_argument("--clip-skip", type=Number(int, 1, 12, why="SD 1.x's text encoder has 12 layers"), default=1,
+                        metavar="N",
                         help="encode prompts from CLIP's N-th layer from the end, as the LoRA was trained "
                              "(training.clip_skip; default 1 = the last layer)")
-    parser.add_argument("--max-token-length", type=int, default=75, choices=(75, 150, 225),
+    parser.add_argument("--max-token-length", type=Number(int, 75, 225), default=75, choices=(75, 150, 225),
                         help="prompt tokens the text encoder sees, as the LoRA was trained (training.max_token_length; default 75)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt) base checkpoint (weights only)")
     parser.add_argument("--start-from-leak", metavar="DIR",
                         help="start sampling from the signal leak of these images' latent channel means "
                              "(Everaert et al. 2024): a training-free way to reach their brightness")
-    parser.add_argument("--leak-fraction", type=float, default=1.0,
+    parser.add_argument("--leak-fraction", type=Number(float, 0, 10), default=1.0,
                         help="scale of the leak's channel means (default 1.0; 0.5 = halfway)")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate(args.base, [parse_lora_spec(s) for s in args.lora], args.prompt, n=args.n, steps=args.steps,
-                      seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
+    report = evaluate(args.base, [LoraSpec(path, weight) for path, weight in args.lora], args.prompt, n=args.n,
+                      steps=args.steps, seed=args.seed, out=args.out, guidance_scale=args.guidance, resolution=args.resolution,
                       allow_pickle=args.allow_pickle, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                       clip_skip=args.clip_skip, start_from_leak=args.start_from_leak, leak_fraction=args.leak_fraction,
                       sampler=args.sampler, max_token_length=args.max_token_length,

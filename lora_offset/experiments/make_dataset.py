@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_offset.arguments import SEED_MAX, Number, OutputPath
 from lora_offset.errors import UserError
 from lora_offset.fileio import atomic_write, atomic_write_text
 
@@ -131,12 +132,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     solid.add_argument("--color", required=True, help="black, white, gray, red, green, blue or #RRGGBB")
     varied = kinds.add_parser("varied", help="N synthetic images of widely varying brightness",
                               description="N synthetic images of widely varying brightness")
-    varied.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    varied.add_argument("--seed", type=Number(int, 0, SEED_MAX), default=0, help="random seed (default 0)")
     for p in (solid, varied):
-        p.add_argument("--n", type=int, required=True, help="number of images")
-        p.add_argument("--size", type=int, default=512, help="image width and height in pixels (default 512)")
+        p.add_argument("--n", type=Number(int, 1, 100000), required=True, help="number of images")
+        p.add_argument("--size", type=Number(int, 8, 4096), default=512, help="image width and height in pixels (default 512)")
         p.add_argument("--caption", default=None, metavar="TEXT", help="also write NNNN.txt with this caption")
-        p.add_argument("out", metavar="OUT", help="output folder")
+        p.add_argument("out", metavar="OUT", type=OutputPath("folder"), help="output folder")
 
 
 def run(args: argparse.Namespace) -> int:

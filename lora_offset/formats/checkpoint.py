@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 import torch
 
 from lora_offset.errors import UserError
+from lora_offset.fileio import check_readable
 from lora_offset.formats.ldm import LDM_TEXT_ENCODER_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -40,6 +41,7 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    check_readable(path)  # a PermissionError stays one, rather than a "corrupt file"
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -79,6 +81,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
+from lora_offset.arguments import OutputPath
 from lora_offset.errors import UserError
 from lora_offset.formats.reader import AdapterFile, read_adapter
 
@@ -98,7 +99,7 @@ def convert_file(src: str | Path, dst: str | Path, precision: str | None = None)
 
 def add_arguments(parser) -> None:
     parser.add_argument("input", metavar="IN", help="diffusers/PEFT LoRA .safetensors, or a PEFT adapter folder")
-    parser.add_argument("output", metavar="OUT", help="kohya-format LoRA .safetensors to write")
+    parser.add_argument("output", metavar="OUT", type=OutputPath("file"), help="kohya-format LoRA .safetensors to write")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
                         help="tensor precision of OUT (default: that of IN)")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lora_offset import lowrank
+from lora_offset.arguments import RANK_MAX, Number, OutputPath
 from lora_offset.errors import UserError
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
 
@@ -71,8 +72,8 @@ def extract_file(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
             raise UserError(f"extract: {name} {value}: a rank is a whole number >= 1")
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise UserError(f"extract: --clamp-quantile {clamp_quantile} must be in (0, 1] (kohya uses 0.99)")
-    if min_diff < 0:
-        raise UserError(f"extract: --min-diff {min_diff} must be >= 0")
+    if not 0 <= min_diff < float("inf"):
+        raise UserError(f"extract: --min-diff {min_diff} must be a finite number >= 0")
     a = checkpoint.read_model_weights(base, allow_pickle=allow_pickle, what="extract")
     b = checkpoint.read_model_weights(tuned, allow_pickle=allow_pickle, what="extract")
 
@@ -119,17 +120,19 @@ def extract_file(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="A", help="the original SD 1.x model: single file or diffusers folder")
     parser.add_argument("--tuned", required=True, metavar="B", help="the fine-tuned model: single file or diffusers folder")
-    parser.add_argument("--rank", required=True, type=int, help="LoRA rank of the extracted modules")
-    parser.add_argument("--conv-rank", type=int, help="also extract the ResNet and sampler convolutions, 3x3 ones at this rank")
-    parser.add_argument("--clamp-quantile", type=float,
+    parser.add_argument("--rank", required=True, type=Number(int, 1, RANK_MAX), help="LoRA rank of the extracted modules")
+    parser.add_argument("--conv-rank", type=Number(int, 1, RANK_MAX),
+                        help="also extract the ResNet and sampler convolutions, 3x3 ones at this rank")
+    parser.add_argument("--clamp-quantile", type=Number(float, 0, 1, low_open=True),
                         help="clamp the factors to this quantile of their values, as kohya (default there: 0.99); "
                         "off by default: it trades the SVD optimum for smaller extreme values")
-    parser.add_argument("--min-diff", type=float, default=0.01,
+    # kohya's default is 0.01; a value above the largest difference (100 will do) leaves the text encoder out.
+    parser.add_argument("--min-diff", type=Number(float, 0, 1000), default=0.01,
                         help="include the text encoder when one of its weights differs by more than this (default 0.01)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="tensor precision of OUT (default fp16)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .ckpt inputs (loaded with torch.load(weights_only=True)); only for files you trust")
-    parser.add_argument("output", metavar="OUT", help="kohya LoRA .safetensors to write")
+    parser.add_argument("output", metavar="OUT", type=OutputPath("file"), help="kohya LoRA .safetensors to write")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lora_offset.arguments import RANK_MAX, FileAndNumber, Number, OutputPath, split_file_and_number
 from lora_offset.errors import UserError
 from lora_offset.formats import checkpoint
 from lora_offset.formats.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
@@ -35,6 +36,9 @@ from lora_offset.training import base_precision
 log = logging.getLogger("lora_offset")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "lora_offset.merged_loras"
+# A LoRA's ratio: negative ratios subtract it (kohya's merge takes them); no merge anyone means goes
+# beyond +-100 (at 1e30 every weight the LoRA touches becomes inf).
+RATIO = Number(float, -100, 100, why="a negative ratio subtracts the LoRA")
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,13 +94,17 @@ def kohya_targets(unet_weights: Mapping[str, str], text_encoder_weights: Mapping
 
 def parse_lora_argument(value: str) -> tuple[Path, float]:
     """'FILE' or 'FILE:RATIO' -> (path, ratio); a ':' not followed by a number belongs to the file name."""
-    file, sep, ratio = value.rpartition(":")
-    if sep:
+    file, ratio = split_file_and_number(value)
+    return Path(file), 1.0 if ratio is None else float(ratio)
+
+
+def check_ratios(loras: Sequence[tuple[str | Path, float]]) -> None:
+    """Every ratio finite and within RATIO's range (the command line checks it as it parses; this is for callers)."""
+    for path, ratio in loras:
         try:
-            return Path(file), float(ratio)
-        except ValueError:
-            pass
-    return Path(value), 1.0
+            RATIO(str(float(ratio)))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"merge: {path}: the ratio {e}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -122,6 +130,7 @@ def merge_checkpoint(base: str | Path, loras: Sequence[tuple[str | Path, float]]
         raise UserError(f"{base}: no such file or folder")
     if not loras:
         raise UserError("no --lora given: nothing to merge")
+    check_ratios(loras)
     if out.resolve() == base.resolve():
         raise UserError(f"{out}: --out must differ from --base (the base model is read while the output is written)")
     if base.is_dir() and base.resolve() in out.resolve().parents:
@@ -196,7 +205,7 @@ def _merge_single_file(base: Path, loras, out: Path, dtype, metadata: dict, allo
 def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict) -> set[str]:
     from safetensors.torch import load_file, save_file
 
-    from lora_offset.fileio import atomic_write
+    from lora_offset.fileio import atomic_write, check_readable
 
     files = {"unet": base / checkpoint.UNET_WEIGHTS, "text_encoder": base / checkpoint.TEXT_ENCODER_WEIGHTS}
     for component, path in files.items():
@@ -205,6 +214,7 @@ def _merge_diffusers_folder(base: Path, loras, out: Path, dtype, metadata: dict)
                             "(merging needs unsharded .safetensors weights for the UNet and text encoder)")
     states = {}
     for component, path in files.items():
+        check_readable(path)  # a PermissionError stays one, rather than a "corrupt file"
         try:
             states[component] = load_file(str(path))
         except Exception as e:
@@ -241,9 +251,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", metavar="PATH",
                         help="SD 1.x base model: single-file LDM checkpoint (.safetensors; .ckpt with --allow-pickle) or "
                         "diffusers folder; without --base the LoRAs are merged into one LoRA file")
-    parser.add_argument("--lora", required=True, action="append", metavar="FILE[:RATIO]",
+    parser.add_argument("--lora", required=True, action="append", metavar="FILE[:RATIO]", type=FileAndNumber(RATIO),
                         help="LoRA file (kohya, diffusers or PEFT) and its ratio (default 1.0); repeat to merge several")
-    parser.add_argument("--out", required=True, metavar="PATH",
+    parser.add_argument("--out", required=True, metavar="PATH", type=OutputPath("auto"),
                         help="output: a .safetensors file for a single-file base or without --base, "
                         "a new folder for a diffusers base")
     parser.add_argument("--precision", choices=sorted(PRECISIONS),
@@ -251,14 +261,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "without: the LoRA's precision (default: the inputs')")
     parser.add_argument("--concat", action="store_true",
                         help="without --base: stack the LoRAs' ranks, an exact merge (the default)")
-    parser.add_argument("--rank", type=int, help="without --base: the best rank-R approximation of the sum (SVD)")
-    parser.add_argument("--conv-rank", type=int, help="without --base, with --rank: the rank of 3x3 convolution modules")
+    parser.add_argument("--rank", type=Number(int, 1, RANK_MAX),
+                        help="without --base: the best rank-R approximation of the sum (SVD)")
+    parser.add_argument("--conv-rank", type=Number(int, 1, RANK_MAX),
+                        help="without --base, with --rank: the rank of 3x3 convolution modules")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .ckpt/.pt inputs (loaded with torch.load(weights_only=True)); only for files you trust")
 
 
 def run(args: argparse.Namespace) -> int:
-    loras = [parse_lora_argument(value) for value in args.lora]
+    loras = args.lora  # (path, ratio) pairs, checked by FileAndNumber
     names = ", ".join(f"{p.name}:{r:g}" for p, r in loras)
     if args.base is None:
         from lora_offset.tools.merge_loras import merge_lora_files

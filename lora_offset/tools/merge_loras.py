@@ -72,7 +72,7 @@ def merge_lora_files(loras: Sequence[tuple[str | Path, float]], out: str | Path,
     """Merge LoRA files (path, ratio) into one kohya LoRA file OUT (atomic write); return a summary."""
     from lora_offset.formats.kohya import precision_of, save_lora, uniform_alpha_tensors
     from lora_offset.formats.kohya_metadata import derived_metadata
-    from lora_offset.tools.merge import METADATA_KEY, source_record
+    from lora_offset.tools.merge import METADATA_KEY, check_ratios, source_record
 
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
@@ -82,6 +82,7 @@ def merge_lora_files(loras: Sequence[tuple[str | Path, float]], out: str | Path,
     for name, value in (("--rank", rank), ("--conv-rank", conv_rank)):
         if value is not None and value < 1:
             raise UserError(f"merge: {name} {value}: a rank is a whole number >= 1")
+    check_ratios(loras)
     adapters = [(read_adapter(path, "merge", allow_pickle=allow_pickle), float(ratio)) for path, ratio in loras]
     for adapter, _ in adapters:
         if adapter.path.resolve() == out.resolve():

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lora_offset import lowrank
+from lora_offset.arguments import RANK_MAX, Number, OutputPath
 from lora_offset.errors import UserError
 from lora_offset.formats.modules import AdapterModule
 from lora_offset.formats.reader import read_adapter
@@ -136,15 +137,19 @@ def resize_file(src: str | Path, dst: str | Path, *, rank: int | None = None, co
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN", help="LoRA file (kohya, diffusers or PEFT)")
-    parser.add_argument("output", metavar="OUT", help="resized kohya LoRA .safetensors to write")
-    parser.add_argument("--rank", type=int, help="new rank; with --dynamic, the largest rank a module may keep")
-    parser.add_argument("--conv-rank", type=int,
+    parser.add_argument("output", metavar="OUT", type=OutputPath("file"), help="resized kohya LoRA .safetensors to write")
+    parser.add_argument("--rank", type=Number(int, 1, RANK_MAX),
+                        help="new rank; with --dynamic, the largest rank a module may keep")
+    parser.add_argument("--conv-rank", type=Number(int, 1, RANK_MAX),
                         help="new rank (or cap) of the 3x3 convolution modules (default: as --rank)")
     parser.add_argument("--dynamic", choices=lowrank.DYNAMIC_METHODS,
                         help="choose each module's rank from its singular values, as kohya's resize_lora.py: "
                         "sv_ratio (values within a factor P of the largest), sv_cumulative (share P of their sum), "
                         "sv_fro (share P of the Frobenius norm)")
-    parser.add_argument("--param", type=float, help="P of the --dynamic method")
+    # Each method's own range is checked with the method (check_settings); this bounds them all.
+    parser.add_argument("--param", type=Number(float, 0, 10000, low_open=True,
+                                               why="sv_ratio takes P >= 1, sv_cumulative and sv_fro P <= 1"),
+                        help="P of the --dynamic method")
     parser.add_argument("--precision", choices=PRECISIONS, help="tensor precision of OUT (default: that of IN)")
     parser.add_argument("--verbose", action="store_true", help="print each module's new rank and the share of its "
                         "Frobenius norm kept")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,11 @@ def check_optimizer_args(name: str, optimizer_args: dict[str, Any]) -> dict[str,
             hint = f"did you mean '{close[0]}'?" if close else f"it takes: {', '.join(accepted)}"
             raise UserError(f"training.optimizer_args.{key}: {cls.__module__}.{cls.__name__} has no argument "
                             f"'{key}'; {hint}")
+        wanted = _wanted_type(optimizer_args[key], parameters[key].default) if key in parameters else None
+        if wanted is not None:
+            raise UserError(f"training.optimizer_args.{key} = {_toml(optimizer_args[key])}: {cls.__module__}."
+                            f"{cls.__name__} takes {wanted} for {key} (its default: {_toml(parameters[key].default)})"
+                            f"{_rewrite_hint(key, optimizer_args[key], parameters[key].default)}")
     kwargs = {**OPTIMIZERS[name].defaults, **optimizer_args}
     # TOML arrays arrive as lists; the libraries expect tuples (betas, eps).
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
@@ -94,6 +100,58 @@ def check_optimizer_args(name: str, optimizer_args: dict[str, Any]) -> dict[str,
                         "training.learning_rate and run its own schedule, which lora-offset does not drive; "
                         "leave relative_step false and set training.learning_rate")
     return kwargs
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _wanted_type(value, default) -> str | None:
+    """What the argument takes, judged by the type of its default, when `value` is not that; else None.
+    No default (or None) says nothing: the library's own check decides."""
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if _is_number(default):
+        return None if _is_number(value) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (tuple, list)) and all(_is_number(d) for d in default):
+        ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(_is_number(v) for v in value)
+        return None if ok else f"a list of {len(default)} numbers"
+    return None
+
+
+def _toml(value) -> str:
+    """`value` as it is written in a TOML file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _rewrite_hint(key: str, value, default) -> str:
+    """'; write betas = [0.9, 0.99]' when a string holds what the argument takes (kohya's
+    optimizer_args are strings: "betas=0.9,0.99"), else ''."""
+    if not isinstance(value, str):
+        return ""
+    import tomllib
+
+    text = value.strip()
+    candidates = [text, "[" + text.strip("()[] ") + "]"] if isinstance(default, (tuple, list)) else [text.lower(), text]
+    for candidate in candidates:
+        try:
+            parsed = tomllib.loads(f"v = {candidate}")["v"]
+        except (tomllib.TOMLDecodeError, ValueError):
+            continue
+        if not isinstance(parsed, str) and _wanted_type(parsed, default) is None:
+            kind = "a TOML array" if isinstance(parsed, list) else "no quotes"
+            return f"; write {key} = {_toml(parsed)} ({kind}, not a string)"
+    return ""
 
 
 def param_groups(name: str, unet_params: dict[str, torch.nn.Parameter], te_params: dict[str, torch.nn.Parameter],
