@@ -328,7 +328,15 @@ def _build_dataclass(cls: type, table: dict, source: str, prefix: str):
                             for i, s in enumerate(value)]
             continue
         values[name] = coerce(value, hints[name], f"{prefix}{name}", source)
+    if cls is SubsetConfig and "num_repeats" not in table and isinstance(values.get("image_dir"), str):
+        values["num_repeats"] = folder_repeats(values["image_dir"])  # kohya's folder naming, unless the table sets it
     return cls(**values)
+
+
+def folder_repeats(image_dir: str) -> int:
+    """The repeats of a kohya-named folder (`10_sks dog` -> 10), else 1."""
+    match = KOHYA_FOLDER.match(Path(image_dir).name)
+    return int(match.group(1)) if match else 1
 
 
 def _drop_none(value: Any) -> Any:

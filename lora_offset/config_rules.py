@@ -7,7 +7,7 @@ import logging
 import re
 from pathlib import Path
 
-from lora_offset.config import KOHYA_FOLDER, Config, DatasetConfig, SubsetConfig
+from lora_offset.config import KOHYA_FOLDER, Config, DatasetConfig, SubsetConfig, folder_repeats
 from lora_offset.config_values import suggest
 from lora_offset.errors import UserError
 
@@ -227,12 +227,9 @@ def _resolve_kohya_folders(d: DatasetConfig, where: str, source: str) -> None:
         if not matched:
             raise UserError(f"{source}: {key} = {root!r} has no subfolder named like '10_sks dog' "
                             "(<repeats>_<class tokens>)")
-        d.subsets.extend(SubsetConfig(image_dir=str(p), is_reg=is_reg) for p in matched)
+        d.subsets.extend(SubsetConfig(image_dir=str(p), is_reg=is_reg, num_repeats=folder_repeats(str(p)))
+                         for p in matched)
     for s in d.subsets:
         match = KOHYA_FOLDER.match(Path(s.image_dir).name) if s.image_dir else None
-        if match is None:
-            continue
-        if s.num_repeats == 1:  # kohya: the folder's number applies unless the config sets repeats
-            s.num_repeats = int(match.group(1))
-        if s.class_tokens is None:
+        if match is not None and s.class_tokens is None:
             s.class_tokens = match.group(2)

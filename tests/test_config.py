@@ -109,6 +109,10 @@ def test_kohya_folder_naming_sets_repeats_and_tokens(tmp_path):
     text = MINIMAL.replace('image_dir = "imgs"\nclass_tokens = "sks dog"', 'image_dir = "data/10_sks dog"')
     subset = load_config(write(tmp_path, text)).dataset.subsets[0]
     assert (subset.num_repeats, subset.class_tokens) == (10, "sks dog")
+    # num_repeats written out wins over the folder's number, 1 included.
+    for repeats in (1, 3):
+        explicit = text.replace('image_dir = "data/10_sks dog"', f'image_dir = "data/10_sks dog"\nnum_repeats = {repeats}')
+        assert load_config(write(tmp_path, explicit)).dataset.subsets[0].num_repeats == repeats
 
 
 def test_kohya_train_and_reg_data_dir(tmp_path):

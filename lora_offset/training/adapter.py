@@ -80,6 +80,9 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
         "ss_lr_scheduler_num_cycles": t.lr_scheduler_num_cycles,
         "ss_lr_scheduler_power": t.lr_scheduler_power,
         "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
+        "ss_gradient_checkpointing": t.gradient_checkpointing,
+        "ss_max_grad_norm": t.max_grad_norm,
+        "ss_cache_latents": t.cache_latents,
         "ss_min_timestep": z.min_timestep,
         "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
     }

@@ -355,16 +355,20 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides, dataset_config=args.dataset_config)
+    return run_training(config, args.resume, again=f"lora-offset train --config {args.config} --resume latest")
+
+
+def run_training(config: Config, resume: str | None, again: str) -> int:
+    """train() for a command: Ctrl-C -> 130, a full disk -> how to continue (`again`: the command that resumes)."""
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
-        path = train(config, resume=args.resume)
+        path = train(config, resume=resume)
     except TrainingInterrupted as e:
         log.warning("%s", e)
         return 130
     except fileio.DiskFullError as e:  # what was saved before is intact: say how to go on from it
         states = sorted((Path(config.training.output_dir) / STATE_DIR).glob("state-*.pt"))
-        then = (f"; then continue from {states[-1].name} with: lora-offset train --config {args.config} --resume latest"
-                if states else "; then run again")
+        then = f"; then continue from {states[-1].name} with: {again}" if states else "; then run again"
         raise UserError(f"{e}{then}") from None
     finally:  # however train() ended, Ctrl-C means what it meant before
         signal.signal(signal.SIGINT, ctrl_c)
