@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_offset.config import KOHYA_FOLDER, Config, DatasetConfig, SubsetConfig, folder_repeats
+from lora_offset.config_schema import KOHYA_FOLDER, DatasetConfig, SubsetConfig, folder_repeats
 from lora_offset.config_values import suggest
 from lora_offset.errors import UserError
+
+if TYPE_CHECKING:
+    from lora_offset.config import Config
 
 log = logging.getLogger("lora_offset")
 
