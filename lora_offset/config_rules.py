@@ -31,6 +31,9 @@ def validate(config: Config, source: str) -> None:
     require(n.alpha > 0, f"network.alpha must be > 0, got {n.alpha}")
     require(n.conv_rank >= 0, f"network.conv_rank must be >= 0 (0 = off), got {n.conv_rank}")
     require(n.conv_alpha > 0, f"network.conv_alpha must be > 0, got {n.conv_alpha}")
+    require(n.conv_rank == 0 or n.preset in ("kohya", "full"),
+            f"network.conv_rank trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out: set "
+            "conv_rank = 0, or use preset \"kohya\" or \"full\"")
     require(0 <= n.dropout < 1, f"network.dropout must be in [0, 1), got {n.dropout}")
     require(n.loha_rank is None or n.loha_rank >= 1, f"network.loha_rank must be >= 1, got {n.loha_rank}")
     require(n.loha_rank is None or n.type == "loha",

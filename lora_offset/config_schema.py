@@ -37,6 +37,8 @@ class NetworkConfig:
     conv_alpha: float = 1.0
     dropout: float = 0.0
     type: Literal["lora", "loha", "lokr"] = "lora"  # LoRA, or LyCORIS's LoHa / LoKr through PEFT
+    # which modules train (training/network_targets.py; LyCORIS's preset names): kohya's 192 + 72 by default
+    preset: Literal["kohya", "attn-only", "attn-mlp", "full"] = "kohya"
     loha_rank: Optional[int] = None  # LoHa: rank of each Hadamard factor (PEFT LoHaConfig.r); None = rank
     lokr_factor: int = -1  # LoKr: PEFT LoKrConfig.decompose_factor; -1 = split near the square root
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: the up matrices learn this many times faster

@@ -23,19 +23,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUF
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def dataset_config(tmp_path_factory):
-    """kohya's dataset TOML over one 64x64 image with a .txt caption (kohya's default extension is .caption)."""
-    root = tmp_path_factory.mktemp("kohya-data")
-    images = make_images(root / "img", 1)
-    (images / "img0.txt").write_text("sks dog", encoding="utf-8")
-    path = root / "my_dataset_config.toml"
-    path.write_text(f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = 64\nbatch_size = 1\n\n'
-                    f'  [[datasets.subsets]]\n  image_dir = "{images.as_posix()}"\n  num_repeats = 1\n',
-                    encoding="utf-8")
-    return path
-
-
 def documented_command(model, dataset_config, output_dir) -> list[str]:
     """sd-scripts docs/train_network.md, "Running the Training", with the paths filled in."""
     return [f"--pretrained_model_name_or_path={model}", f"--dataset_config={dataset_config}",
@@ -50,12 +37,13 @@ def metadata(path) -> dict[str, str]:
         return f.metadata()
 
 
-def test_kohyas_documented_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_model_dir, dataset_config):
+def test_kohyas_documented_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_model_dir,
+                                                                         kohya_dataset_config):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1", "--num_processes",
          "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_offset",
-         "kohya", *documented_command(tiny_model_dir, dataset_config, out)],
+         "kohya", *documented_command(tiny_model_dir, kohya_dataset_config, out)],
         env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -80,15 +68,16 @@ def test_kohyas_documented_command_runs_unchanged_under_accelerate_launch(tmp_pa
         192, 72)
 
 
-def test_the_same_recipe_as_a_config_file_gives_a_bit_identical_adapter(tmp_path, tiny_model_dir, dataset_config):
+def test_the_same_recipe_as_a_config_file_gives_a_bit_identical_adapter(tmp_path, tiny_model_dir,
+                                                                        kohya_dataset_config):
     """kohya's --config_file: sections ignored, argparse names as keys, the command line overrides the file."""
-    args = documented_command(tiny_model_dir, dataset_config, tmp_path / "cli") + [
+    args = documented_command(tiny_model_dir, kohya_dataset_config, tmp_path / "cli") + [
         "--seed=3", "--max_train_epochs=2", "--network_args", "conv_dim=2", "conv_alpha=1"]
     assert main(["kohya", *args]) == 0
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(toml.dumps({
         "model_arguments": {"pretrained_model_name_or_path": str(tiny_model_dir), "network_dim": 4},
-        "dataset_arguments": {"dataset_config": str(dataset_config)},
+        "dataset_arguments": {"dataset_config": str(kohya_dataset_config)},
         "training_arguments": {"output_dir": str(tmp_path / "file"), "output_name": "my_lora",
                                "save_model_as": "safetensors", "max_train_epochs": 2, "save_every_n_epochs": 1,
                                "mixed_precision": "fp16", "gradient_checkpointing": True, "sdpa": True, "seed": 3},
@@ -104,8 +93,9 @@ def test_the_same_recipe_as_a_config_file_gives_a_bit_identical_adapter(tmp_path
     assert a["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 16
 
 
-def test_output_config_writes_the_recipe_back_and_it_round_trips(tmp_path, tiny_model_dir, dataset_config, capsys):
-    args = documented_command(tiny_model_dir, dataset_config, tmp_path / "out") + [
+def test_output_config_writes_the_recipe_back_and_it_round_trips(tmp_path, tiny_model_dir, kohya_dataset_config,
+                                                                 capsys):
+    args = documented_command(tiny_model_dir, kohya_dataset_config, tmp_path / "out") + [
         "--network_args", "conv_dim=4", "--optimizer_args", "betas=0.9,0.99", "--lr_warmup_steps=5%",
         "--text_encoder_lr", "5e-5"]
     recipe = tmp_path / "recipe"
@@ -114,7 +104,7 @@ def test_output_config_writes_the_recipe_back_and_it_round_trips(tmp_path, tiny_
     # What kohya writes: every value that differs from its default (--network_alpha=1 is the default), in its
     # argparse types.
     assert written == {
-        "pretrained_model_name_or_path": str(tiny_model_dir), "dataset_config": str(dataset_config),
+        "pretrained_model_name_or_path": str(tiny_model_dir), "dataset_config": str(kohya_dataset_config),
         "output_dir": str(tmp_path / "out"), "output_name": "my_lora", "network_module": "networks.lora",
         "network_dim": 16, "learning_rate": 1e-4, "optimizer_type": "AdamW8bit",
         "sdpa": True, "max_train_epochs": 10, "save_every_n_epochs": 1, "mixed_precision": "fp16",
@@ -135,8 +125,10 @@ def test_output_config_writes_the_recipe_back_and_it_round_trips(tmp_path, tiny_
     assert (from_file["training"]["lr_warmup_steps"], from_file["training"]["text_encoder_lr"]) == (0.05, 5e-5)
 
 
-def test_print_config_is_a_lora_offset_config_that_trains_the_same(tmp_path, tiny_model_dir, dataset_config, capsys):
-    args = documented_command(tiny_model_dir, dataset_config, tmp_path / "kohya") + ["--seed=0", "--max_train_epochs=1"]
+def test_print_config_is_a_lora_offset_config_that_trains_the_same(tmp_path, tiny_model_dir, kohya_dataset_config,
+                                                                   capsys):
+    args = documented_command(tiny_model_dir, kohya_dataset_config, tmp_path / "kohya") + [
+        "--seed=0", "--max_train_epochs=1"]
     assert main(["kohya", *args, "--print-config"]) == 0
     ours = tmp_path / "ours.toml"
     ours.write_text(capsys.readouterr().out.replace(str(tmp_path / "kohya"), str(tmp_path / "ours")), encoding="utf-8")
@@ -152,11 +144,11 @@ def print_config(capsys, *args) -> dict:
     return toml.loads(capsys.readouterr().out)
 
 
-def test_absent_options_take_kohyas_defaults(tmp_path, dataset_config, capsys, caplog):
+def test_absent_options_take_kohyas_defaults(tmp_path, kohya_dataset_config, capsys, caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="lora_offset")
-    c = print_config(capsys, "--pretrained_model_name_or_path=m", f"--dataset_config={dataset_config}",
+    c = print_config(capsys, "--pretrained_model_name_or_path=m", f"--dataset_config={kohya_dataset_config}",
                      "--output_dir=o", "--seed=1")
     n, z, t, d = c["network"], c["noise"], c["training"], c["dataset"]
     assert (n["type"], n["rank"], n["alpha"], n["train_text_encoder"], n["conv_rank"]) == ("lora", 4, 1.0, True, 0)
@@ -245,13 +237,13 @@ def test_config_file_values_are_checked_by_kohyas_types(tmp_path, capsys):
         assert expected in err, expected
 
 
-def test_no_effect_options_each_say_so_in_one_line(tmp_path, dataset_config, caplog):
+def test_no_effect_options_each_say_so_in_one_line(tmp_path, kohya_dataset_config, caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="lora_offset")
     flags = [f"--{name}" for name, option in kohya_options.OPTIONS.items()
              if name in kohya_options.NO_EFFECT and option.type is None]
-    main(["kohya", "--pretrained_model_name_or_path=m", f"--dataset_config={dataset_config}", "--output_dir=o",
+    main(["kohya", "--pretrained_model_name_or_path=m", f"--dataset_config={kohya_dataset_config}", "--output_dir=o",
           *flags, "--vae_batch_size=4", "--print-config"])
     lines = [r.getMessage() for r in caplog.records if ": accepted, no effect here: " in r.getMessage()]
     assert sorted(line.split(":")[0] for line in lines) == sorted(flags + ["--vae_batch_size"])

@@ -28,6 +28,7 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
         network_dim=net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank,
         network_type=net.type,
         lokr_factor=net.lokr_factor,
+        more_network_args=network_args(net),
         network_alpha=net.alpha,
         conv_dim=net.conv_rank,
         conv_alpha=net.conv_alpha,
@@ -53,6 +54,14 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
                **training_metadata(config, calendar), **dataset_metadata(config, dataset)},
     )
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
+
+
+def network_args(net) -> dict[str, str]:
+    """The [network] settings beyond dim/alpha/conv as kohya and LyCORIS record their network_args (strings)."""
+    out = {}
+    if net.preset != "kohya":
+        out["preset"] = net.preset
+    return out
 
 
 def optimizer_record(t) -> str:

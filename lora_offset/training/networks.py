@@ -1,6 +1,6 @@
 """PEFT adapters on kohya's SD 1.x targets: LoRA, and LyCORIS's LoHa and LoKr (network.type).
 
-kohya's default SD 1.x LoRA touches every Linear / 1x1 Conv inside the UNet's transformer blocks
+The targets are network.preset's (network_targets.py). kohya's default SD 1.x LoRA touches every Linear / 1x1 Conv inside the UNet's transformer blocks
 (192 modules in SD 1.5) and, when the text encoder is trained, CLIP's attention and MLP
 projections (72 modules). Conv LoRA ("LoCon", conv_rank > 0) adds the ResNet blocks and the
 down/up samplers: 3x3 convs get conv_rank/conv_alpha, while their Linear time_emb_proj and 1x1
@@ -23,36 +23,25 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 
 from lora_offset.errors import UserError
+from lora_offset.training.network_targets import UNET_CONV_3X3_TARGETS, text_encoder_targets, unet_targets
 
 ADAPTER_NAME = "default"
 NETWORK_TYPES = ("lora", "loha", "lokr")
 # Parameter-name prefixes of PEFT's LoraModel, LoHaModel and LoKrModel (their `prefix` attribute).
 ADAPTER_PARAMETER_PREFIXES = ("lora_", "hada_", "lokr_")
 
-# Module-name regexes (PEFT full-matches a string target_modules against each module name).
-UNET_ATTENTION_TARGETS = (
-    r".*attentions\.\d+\.(proj_in|proj_out"
-    r"|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
-    r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
-)
-UNET_CONV_3X3_TARGETS = r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)"
-UNET_CONV_RANK_TARGETS = r".*resnets\.\d+\.(time_emb_proj|conv_shortcut)"
-# transformers 5 CLIPTextModel names have no "text_model." level; 4.x names do: match both.
-TEXT_ENCODER_TARGETS = r"(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
-
-
 def unet_lora_config(rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0,
-                     dropout: float = 0.0, overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig:
-    """LoraConfig for the UNet: attention targets, plus ResNet/sampler convs when conv_rank > 0.
+                     dropout: float = 0.0, overrides: dict[str, tuple[int, float]] | None = None,
+                     preset: str = "kohya") -> LoraConfig:
+    """LoraConfig for the UNet: the preset's targets (network_targets.py), 3x3 convs at conv_rank when > 0.
 
     `overrides`: {module path: (rank, alpha)} for single modules (a LoRA file with per-module ranks).
     """
-    target = UNET_ATTENTION_TARGETS
+    target, conv_targets = unet_targets(preset, conv_rank > 0)
     rank_pattern, alpha_pattern = _module_patterns(overrides)
-    if conv_rank > 0:
-        target = f"({UNET_ATTENTION_TARGETS}|{UNET_CONV_3X3_TARGETS}|{UNET_CONV_RANK_TARGETS})"
-        rank_pattern[UNET_CONV_3X3_TARGETS] = conv_rank
-        alpha_pattern[UNET_CONV_3X3_TARGETS] = conv_alpha
+    if conv_targets is not None:
+        rank_pattern[conv_targets] = conv_rank
+        alpha_pattern[conv_targets] = conv_alpha
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -65,11 +54,12 @@ def unet_lora_config(rank: int, alpha: float, conv_rank: int = 0, conv_alpha: fl
 
 
 def text_encoder_lora_config(rank: int, alpha: float, dropout: float = 0.0,
-                             overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig:
+                             overrides: dict[str, tuple[int, float]] | None = None,
+                             preset: str = "kohya") -> LoraConfig:
     rank_pattern, alpha_pattern = _module_patterns(overrides)
     return LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-        target_modules=TEXT_ENCODER_TARGETS, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        target_modules=text_encoder_targets(preset), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
     )
 
 
@@ -84,22 +74,23 @@ def _module_patterns(overrides: dict[str, tuple[int, float]] | None) -> tuple[di
 
 def unet_network_config(network_type: str, rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0,
                         dropout: float = 0.0, lokr_factor: int = -1,
-                        overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig | LoHaConfig | LoKrConfig:
-    """The PEFT config of a LoRA, LoHa or LoKr on the UNet's kohya targets (conv ones when conv_rank > 0);
+                        overrides: dict[str, tuple[int, float]] | None = None,
+                        preset: str = "kohya") -> LoraConfig | LoHaConfig | LoKrConfig:
+    """The PEFT config of a LoRA, LoHa or LoKr on the UNet modules of `preset` (3x3 convs when conv_rank > 0);
     `overrides` (LoRA): per-module (rank, alpha), see unet_lora_config."""
     if network_type == "lora":
-        return unet_lora_config(rank, alpha, conv_rank, conv_alpha, dropout, overrides)
-    lora = unet_lora_config(rank, alpha, conv_rank, conv_alpha)
+        return unet_lora_config(rank, alpha, conv_rank, conv_alpha, dropout, overrides, preset)
+    lora = unet_lora_config(rank, alpha, conv_rank, conv_alpha, preset=preset)
     return _lycoris_config(network_type, rank, alpha, lora.target_modules, lora.rank_pattern, lora.alpha_pattern,
                            lokr_factor)
 
 
 def text_encoder_network_config(network_type: str, rank: int, alpha: float, dropout: float = 0.0,
-                                lokr_factor: int = -1, overrides: dict[str, tuple[int, float]] | None = None
-                                ) -> LoraConfig | LoHaConfig | LoKrConfig:
+                                lokr_factor: int = -1, overrides: dict[str, tuple[int, float]] | None = None,
+                                preset: str = "kohya") -> LoraConfig | LoHaConfig | LoKrConfig:
     if network_type == "lora":
-        return text_encoder_lora_config(rank, alpha, dropout, overrides)
-    return _lycoris_config(network_type, rank, alpha, TEXT_ENCODER_TARGETS, {}, {}, lokr_factor)
+        return text_encoder_lora_config(rank, alpha, dropout, overrides, preset)
+    return _lycoris_config(network_type, rank, alpha, text_encoder_targets(preset), {}, {}, lokr_factor)
 
 
 def _lycoris_config(network_type: str, rank: int, alpha: float, targets, rank_pattern: dict, alpha_pattern: dict,
@@ -119,11 +110,11 @@ def network_configs(net, overrides: dict | None = None) -> tuple:
     overrides = overrides or {}
     rank = net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank
     unet = unet_network_config(net.type, rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.lokr_factor,
-                               overrides.get("unet"))
+                               overrides.get("unet"), net.preset)
     te = None
     if net.train_text_encoder:
         te = text_encoder_network_config(net.type, rank, net.alpha, net.dropout, net.lokr_factor,
-                                         overrides.get("text_encoder"))
+                                         overrides.get("text_encoder"), net.preset)
     return unet, te
 
 

@@ -1,0 +1,162 @@
+"""The network features of issue 23 in lora-offset's own TOML (network.* keys): target presets, and the
+LyCORIS network_args of `lora-offset kohya` giving the same adapter as those keys."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import toml
+import torch
+from safetensors.torch import load_file
+
+from lora_offset.cli import main
+from lora_offset.config import NetworkConfig
+from lora_offset.formats import loaders
+from lora_offset.formats.kohya import kohya_state_dict
+from lora_offset.formats.lycoris import lycoris_state_dict
+from lora_offset.training import network_targets, networks
+from tests.test_kohya_command import documented_command, print_config
+from tests.test_train import make_images, write_config
+
+LOADERS = ("a1111", "forge", "comfyui")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("data") / "img", 2)
+
+
+@pytest.fixture(scope="module")
+def sd15_names():
+    from lora_offset.sd15 import build_sd15
+
+    return [n for n, _ in build_sd15("unet").named_modules()], [n for n, _ in build_sd15("text_encoder").named_modules()]
+
+
+def injected(net: NetworkConfig, seed: int = 0) -> dict:
+    """Tiny components with the network of `net` injected as the trainer does, lora_up / factors random."""
+    from lora_offset.tiny import build_tiny_components
+
+    c = build_tiny_components(seed=seed)
+    unet_config, te_config = networks.network_configs(net)
+    networks.add_lora(c["unet"], unet_config)
+    if te_config is not None:
+        networks.add_lora(c["text_encoder"], te_config)
+    torch.manual_seed(seed + 1)
+    for model in (c["unet"], c["text_encoder"]):
+        for name, p in model.named_parameters():
+            if networks.is_adapter_parameter(name):
+                p.data.normal_(0, 0.05)
+    return c
+
+
+def exported(c: dict, net: NetworkConfig) -> dict[str, torch.Tensor]:
+    te = c["text_encoder"] if net.train_text_encoder else None
+    return kohya_state_dict(c["unet"], te) if net.type == "lora" else lycoris_state_dict(c["unet"], te)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+@pytest.mark.parametrize("preset, conv, counts", [
+    ("kohya", False, (192, 72)), ("kohya", True, (278, 72)), ("attn-only", False, (128, 48)),
+    ("attn-mlp", False, (192, 72)), ("full", False, (230, 72)), ("full", True, (282, 72))])
+def test_presets_select_lycoris_module_sets_on_sd15(sd15_names, preset, conv, counts):
+    unet, te = sd15_names
+    target, conv_target = network_targets.unet_targets(preset, conv)
+    chosen = [n for n in unet if re.fullmatch(target, n)]
+    assert (len(chosen), sum(bool(re.fullmatch(network_targets.text_encoder_targets(preset), n)) for n in te)) == counts
+    if preset == "attn-only":
+        assert {n.rsplit(".", 1)[-1] for n in chosen} == {"to_q", "to_k", "to_v", "0"}
+    if preset == "full":  # LyCORIS's full: the time embedding too, and with convs conv_in / conv_out
+        assert {"time_embedding.linear_1", "time_embedding.linear_2"} <= set(chosen)
+        assert ({"conv_in", "conv_out"} <= set(chosen)) == conv
+        assert {n for n in chosen if re.fullmatch(conv_target or "(?!)", n)} >= ({"conv_in", "conv_out"} if conv else set())
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("preset", ["attn-only", "full"])
+def test_every_module_of_a_preset_loads_in_every_web_ui(kind, preset):
+    net = NetworkConfig(rank=4, alpha=2.0, type=kind, preset=preset, train_text_encoder=True,
+                        conv_rank=2 if preset == "full" else 0)
+    c = injected(net)
+    state = exported(c, net)
+    modules = {f"unet.{n}" for n in networks.lora_module_names(c["unet"])} | {
+        f"text_encoder.text_model.{n.removeprefix('text_model.')}" for n in networks.lora_module_names(c["text_encoder"])}
+    assert len(modules) == {"attn-only": 128 + 48, "full": 281 + 72}[preset]  # the tiny UNet has one conv_shortcut less
+    for loader in LOADERS:
+        result = loaders.match(loader, state.keys(), loaders.tiny_model_names())
+        assert result.ok and result.applied_modules == modules, (loader, result.reason, result.ignored_keys[:3])
+
+
+@pytest.mark.parametrize("network, message", [
+    ({"preset": "attn"}, "network.preset must be one of 'kohya' | 'attn-only' | 'attn-mlp' | 'full'"),
+    ({"preset": "attn-only", "conv_rank": 4}, 'network.conv_rank trains the ResNet convs, which network.preset = '
+                                              '"attn-only" leaves out'),
+])
+def test_preset_errors(tmp_path, network, message, capsys):
+    config = write_config(tmp_path, tmp_path, tmp_path, network=network)
+    assert main(["train", "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------- LyCORIS
+
+@pytest.mark.parametrize("args, expected", [
+    # LyCORIS's defaults: algo lora (locon), preset full with conv_dim = dim and conv_alpha = alpha
+    ([], {"type": "lora", "preset": "full", "conv_rank": 8, "conv_alpha": 4.0, "train_text_encoder": True}),
+    (["algo=loha", "preset=attn-mlp"], {"type": "loha", "preset": "attn-mlp", "conv_rank": 0}),
+    (["algo=lokr", "factor=4", "conv_dim=2", "conv_alpha=1"],
+     {"type": "lokr", "lokr_factor": 4, "preset": "full", "conv_rank": 2, "conv_alpha": 1.0}),
+    (["algo=locon", "preset=full-lin"], {"type": "lora", "preset": "full", "conv_rank": 0}),
+    (["preset=unet-only", "conv_dim=0"], {"preset": "full", "conv_rank": 8, "train_text_encoder": False}),
+    (["preset=unet-transformer-only"], {"preset": "attn-mlp", "conv_rank": 0, "train_text_encoder": False}),
+    (["algo=lokr", "preset=attn-only", "bypass_mode=True"], {"type": "lokr", "preset": "attn-only"}),
+])
+def test_lycoris_network_args_map_to_network_keys(kohya_dataset_config, capsys, args, expected):
+    base = ["--pretrained_model_name_or_path=m", f"--dataset_config={kohya_dataset_config}", "--output_dir=o",
+            "--seed=1",
+            "--network_module=lycoris.kohya", "--network_dim=8", "--network_alpha=4"]
+    network = print_config(capsys, *base, *(["--network_args", *args] if args else []))["network"]
+    assert {k: network[k] for k in expected} == expected
+
+
+def test_lycoris_args_give_the_same_adapter_as_our_keys(tmp_path, tiny_model_dir, kohya_dataset_config):
+    args = documented_command(tiny_model_dir, kohya_dataset_config, tmp_path / "kohya") + [
+        "--seed=2", "--max_train_epochs=2", "--network_module=lycoris.kohya", "--network_args", "algo=lokr",
+        "preset=full", "factor=4", "conv_dim=4", "conv_alpha=2", "--network_train_unet_only"]
+    assert main(["kohya", *args]) == 0
+    ours = {
+        "model": {"pretrained": str(tiny_model_dir)},
+        "network": {"type": "lokr", "preset": "full", "rank": 16, "alpha": 1.0, "lokr_factor": 4, "conv_rank": 4,
+                    "conv_alpha": 2.0, "train_text_encoder": False},
+        "training": {"output_dir": str(tmp_path / "ours"), "output_name": "my_lora", "max_train_epochs": 2,
+                     "save_every_n_epochs": 1, "mixed_precision": "fp16", "learning_rate": 1e-4,
+                     "text_encoder_lr": 1e-4, "optimizer": "adamw8bit", "seed": 2, "save_precision": "fp32",
+                     "save_state_every_steps": 0, "cache_latents": False, "log_with": "none"},
+        "noise": {"offset": 0.0}}
+    config = tmp_path / "ours.toml"
+    config.write_text(toml.dumps(ours), encoding="utf-8")
+    assert main(["train", "--config", str(config), "--dataset-config", str(kohya_dataset_config)]) == 0
+    a, b = load_file(tmp_path / "kohya" / "my_lora.safetensors"), load_file(tmp_path / "ours" / "my_lora.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert any(k.startswith("lora_unet_conv_in.lokr_") for k in a)  # LyCORIS's full preset: conv_in too
+    assert not any(k.startswith("lora_te_") for k in a)
+
+
+def test_dora_and_other_unimplemented_lycoris_args_are_refused_with_the_reason(tmp_path, capsys):
+    code = main(["kohya", "--pretrained_model_name_or_path=m", "--output_dir=o", f"--train_data_dir={tmp_path}",
+                 "--network_module=lycoris.kohya", "--network_args", "algo=ia3", "dora_wd=True", "use_tucker=True",
+                 "preset=my_preset.toml", "train_norm=false", "constraint=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    for expected in ("algo=ia3: not implemented; lora-offset trains locon, loha and lokr",
+                     "dora_wd=True: DoRA is not exported: PEFT keeps DoRA's magnitude per output channel while "
+                     "AUTOMATIC1111 v1.10 applies dora_scale per input channel",
+                     "use_tucker=True: not implemented", "preset=my_preset.toml: not implemented",
+                     "constraint: an OFT option"):
+        assert expected in err, expected
+    assert "train_norm" not in err  # "false" is off
+    assert main(["kohya", "--pretrained_model_name_or_path=m", "--output_dir=o", f"--train_data_dir={tmp_path}",
+                 "--network_module=networks.lora_flux"]) == 2
+    assert "--network_module=networks.lora_flux: a network of FLUX (flux_train_network.py)" in capsys.readouterr().err
