@@ -35,6 +35,8 @@ def validate(config: Config, source: str) -> None:
             f"network.conv_rank trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out: set "
             "conv_rank = 0, or use preset \"kohya\" or \"full\"")
     require(0 <= n.dropout < 1, f"network.dropout must be in [0, 1), got {n.dropout}")
+    for key in ("rank_dropout", "module_dropout"):
+        require(0 <= getattr(n, key) < 1, f"network.{key} must be in [0, 1), got {getattr(n, key)}")
     require(n.loha_rank is None or n.loha_rank >= 1, f"network.loha_rank must be >= 1, got {n.loha_rank}")
     require(n.loha_rank is None or n.type == "loha",
             f"network.loha_rank is the rank of a LoHa; it does nothing with network.type = {n.type!r}: remove it")

@@ -36,6 +36,8 @@ class NetworkConfig:
     conv_rank: int = 0  # 0 = no conv LoRA ("LoCon")
     conv_alpha: float = 1.0
     dropout: float = 0.0
+    rank_dropout: float = 0.0  # kohya's: each rank zeroed with this probability per sample (training/network_regularizers.py)
+    module_dropout: float = 0.0  # kohya's: a whole module left out of a forward pass with this probability
     type: Literal["lora", "loha", "lokr"] = "lora"  # LoRA, or LyCORIS's LoHa / LoKr through PEFT
     # which modules train (training/network_targets.py; LyCORIS's preset names): kohya's 192 + 72 by default
     preset: Literal["kohya", "attn-only", "attn-mlp", "full"] = "kohya"

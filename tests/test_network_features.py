@@ -3,11 +3,13 @@ LyCORIS network_args of `lora-offset kohya` giving the same adapter as those key
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import toml
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_offset.cli import main
@@ -160,3 +162,89 @@ def test_dora_and_other_unimplemented_lycoris_args_are_refused_with_the_reason(t
     assert main(["kohya", "--pretrained_model_name_or_path=m", "--output_dir=o", f"--train_data_dir={tmp_path}",
                  "--network_module=networks.lora_flux"]) == 2
     assert "--network_module=networks.lora_flux: a network of FLUX (flux_train_network.py)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------- dropout
+
+def within_binomial(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(count - n * p) <= sigmas * (n * p * (1 - p)) ** 0.5
+
+
+@pytest.mark.parametrize("shape", [(200, 7, 16), (200, 16, 3, 3), (200, 16)])  # tokens, a conv, time_emb_proj
+def test_rank_dropout_zeroes_ranks_per_sample_within_binomial_bounds_and_rescales(shape):
+    from lora_offset.training.network_regularizers import RankModuleDropout
+
+    torch.manual_seed(0)
+    p = 0.25
+    hook = RankModuleDropout(rank_dropout=p, module_dropout=0.0)
+    module = torch.nn.Linear(1, 1).train()
+    out = hook(module, (), torch.ones(shape, dtype=torch.float64))
+    rank_axis = 1 if len(shape) == 4 else -1
+    per_rank = out.movedim(rank_axis, 1).reshape(shape[0], shape[rank_axis], -1)
+    # one draw per (sample, rank), shared by every token / pixel
+    assert (per_rank == per_rank[..., :1]).all()
+    kept = per_rank[..., 0]
+    assert set(kept.unique().tolist()) == {0.0, 1 / (1 - p)}
+    assert within_binomial(int((kept == 0).sum()), kept.numel(), p)
+    assert hook(module.eval(), (), torch.ones(shape)).equal(torch.ones(shape))  # off at eval
+
+
+def test_module_dropout_leaves_whole_modules_out_within_binomial_bounds():
+    from lora_offset.training.network_regularizers import RankModuleDropout
+
+    torch.manual_seed(0)
+    p, n = 0.3, 4000
+    hook = RankModuleDropout(rank_dropout=0.0, module_dropout=p)
+    module = torch.nn.Linear(1, 1).train()
+    dropped = sum(int(hook(module, (), torch.ones(2, 4)).abs().sum() == 0) for _ in range(n))
+    assert within_binomial(dropped, n, p)
+    assert all(hook(module.eval(), (), torch.ones(2, 4)).equal(torch.ones(2, 4)) for _ in range(50))
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_module_dropout_on_the_tiny_unet_is_random_while_training_and_off_at_eval(kind):
+    """A dropped module adds nothing: its output is the base layer's. LoRA: kohya's hook; LoHa / LoKr: PEFT's own."""
+    from lora_offset.training.network_regularizers import add_rank_module_dropout
+
+    net = NetworkConfig(rank=4, alpha=4.0, type=kind, module_dropout=0.5, rank_dropout=0.2)
+    c = injected(net)
+    if kind == "lora":
+        assert add_rank_module_dropout(c["unet"], net.rank_dropout, net.module_dropout) == 192
+    layer = c["unet"].get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    x = torch.randn(2, 5, layer.in_features)
+    base = layer.base_layer(x)
+    torch.manual_seed(3)
+    c["unet"].train()
+    outputs = [layer(x) for _ in range(400)]
+    dropped = sum(int(o.equal(base)) for o in outputs)
+    assert within_binomial(dropped, 400, 0.5)
+    distinct = {round(float((o - base).abs().sum()), 4) for o in outputs if not o.equal(base)}
+    assert len(distinct) > 10  # rank dropout: different deltas from pass to pass
+    c["unet"].eval()
+    full = layer(x)
+    assert all(layer(x).equal(full) for _ in range(20)) and not full.equal(base)
+    expected = base + (layer.get_delta_weight(networks.ADAPTER_NAME) @ x.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("network, message", [
+    ({"rank_dropout": 1.0}, "network.rank_dropout must be in [0, 1), got 1.0"),
+    ({"module_dropout": -0.1}, "network.module_dropout must be in [0, 1), got -0.1"),
+])
+def test_dropout_range_errors_name_the_key(tmp_path, network, message, capsys):
+    config = write_config(tmp_path, tmp_path, tmp_path, network=network)
+    assert main(["train", "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kohya_rank_and_module_dropout_train_and_are_recorded(tmp_path, tiny_model_dir, kohya_dataset_config, capsys):
+    args = documented_command(tiny_model_dir, kohya_dataset_config, tmp_path / "out") + [
+        "--seed=0", "--max_train_steps=2", "--max_train_epochs=1", "--network_args", "rank_dropout=0.1",
+        "module_dropout=0.2", "conv_dim=2"]
+    network = print_config(capsys, *args)["network"]
+    assert (network["rank_dropout"], network["module_dropout"], network["conv_rank"]) == (0.1, 0.2, 2)
+    assert main(["kohya", *args]) == 0
+    with safe_open(str(tmp_path / "out" / "my_lora.safetensors"), "pt") as f:
+        recorded = f.metadata()["ss_network_args"]
+    assert json.loads(recorded) == {"conv_dim": "2", "conv_alpha": "1.0", "rank_dropout": "0.1",
+                                    "module_dropout": "0.2"}

@@ -49,8 +49,8 @@ LYCORIS_REFUSED_FLAGS = {
 }
 LYCORIS_NO_EFFECT = {"bypass_mode": "only how LyCORIS computes the forward pass; the result is the same",
                      "wd_on_output": "a DoRA option; DoRA is not trained"}
-LYCORIS_KEYS = ("algo", "preset", "conv_dim", "conv_alpha", "dropout", "factor", "disable_conv_cp", "constraint",
-                "constrain", "block_size", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+LYCORIS_KEYS = ("algo", "preset", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "factor",
+                "disable_conv_cp", "constraint", "constrain", "block_size", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
                 "loraplus_text_encoder_lr_ratio", *LYCORIS_REFUSED_FLAGS, *LYCORIS_NO_EFFECT)
 
 
@@ -106,8 +106,9 @@ def network_table(module: str | None, dim: int | None, alpha: float, dropout: fl
     return out
 
 
-LORA_KEYS = ("conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-             "loraplus_text_encoder_lr_ratio")
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+DROPOUT_KEYS = ("rank_dropout", "module_dropout")  # the same names in [network]
+LORA_KEYS = ("conv_dim", "conv_alpha", *DROPOUT_KEYS, *LORAPLUS_KEYS)
 
 
 def _lora_args(kwargs: dict[str, str], t: dict, out: NetworkArgs, train_text_encoder: bool) -> None:
@@ -120,7 +121,14 @@ def _lora_args(kwargs: dict[str, str], t: dict, out: NetworkArgs, train_text_enc
         t["conv_alpha"] = _number(kwargs, "conv_alpha", float, p) if "conv_alpha" in kwargs else 1.0
     elif "conv_alpha" in kwargs:
         out.notes.append("--network_args conv_alpha: kohya reads it only with conv_dim; ignored, as there")
+    _dropouts(kwargs, t, p)
     _loraplus(kwargs, t, p, train_text_encoder)
+
+
+def _dropouts(kwargs: dict[str, str], t: dict, p: list[str]) -> None:
+    for key in DROPOUT_KEYS:
+        if key in kwargs:
+            t[key] = _number(kwargs, key, float, p) or 0.0
 
 
 def _unknown(kwargs: dict[str, str], known, module: str, problems: list[str]) -> None:
@@ -176,11 +184,12 @@ def _lycoris_args(kwargs: dict[str, str], t: dict, out: NetworkArgs, dropout: fl
     for key, why in LYCORIS_NO_EFFECT.items():
         if key in kwargs:
             out.notes.append(f"--network_args {key}: no effect here: {why}")
+    _dropouts(kwargs, t, p)
     _loraplus(kwargs, t, p, t["train_text_encoder"])
 
 
 def _loraplus(kwargs: dict[str, str], t: dict, p: list[str], train_text_encoder: bool) -> None:
-    ratios = {key: _number(kwargs, key, float, p) for key in LORA_KEYS[2:] if key in kwargs}
+    ratios = {key: _number(kwargs, key, float, p) for key in LORAPLUS_KEYS if key in kwargs}
     common = ratios.get("loraplus_lr_ratio")
     unet = ratios.get("loraplus_unet_lr_ratio", common)
     te = ratios.get("loraplus_text_encoder_lr_ratio", common)

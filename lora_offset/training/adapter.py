@@ -61,6 +61,9 @@ def network_args(net) -> dict[str, str]:
     out = {}
     if net.preset != "kohya":
         out["preset"] = net.preset
+    for key in ("rank_dropout", "module_dropout"):
+        if getattr(net, key):
+            out[key] = str(getattr(net, key))
     return out
 
 
@@ -89,6 +92,7 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
         "ss_lr_scheduler_num_cycles": t.lr_scheduler_num_cycles,
         "ss_lr_scheduler_power": t.lr_scheduler_power,
         "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
+        "ss_network_dropout": config.network.dropout or None,  # kohya writes its --network_dropout, None when unset
         "ss_gradient_checkpointing": t.gradient_checkpointing,
         "ss_max_grad_norm": t.max_grad_norm,
         "ss_cache_latents": t.cache_latents,

@@ -74,29 +74,33 @@ def _module_patterns(overrides: dict[str, tuple[int, float]] | None) -> tuple[di
 
 def unet_network_config(network_type: str, rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0,
                         dropout: float = 0.0, lokr_factor: int = -1,
-                        overrides: dict[str, tuple[int, float]] | None = None,
-                        preset: str = "kohya") -> LoraConfig | LoHaConfig | LoKrConfig:
+                        overrides: dict[str, tuple[int, float]] | None = None, preset: str = "kohya",
+                        rank_dropout: float = 0.0, module_dropout: float = 0.0) -> LoraConfig | LoHaConfig | LoKrConfig:
     """The PEFT config of a LoRA, LoHa or LoKr on the UNet modules of `preset` (3x3 convs when conv_rank > 0);
-    `overrides` (LoRA): per-module (rank, alpha), see unet_lora_config."""
+    `overrides` (LoRA): per-module (rank, alpha), see unet_lora_config. `rank_dropout` / `module_dropout`: PEFT's,
+    for LoHa and LoKr (a LoRA gets kohya's through network_regularizers.add_rank_module_dropout)."""
     if network_type == "lora":
         return unet_lora_config(rank, alpha, conv_rank, conv_alpha, dropout, overrides, preset)
     lora = unet_lora_config(rank, alpha, conv_rank, conv_alpha, preset=preset)
     return _lycoris_config(network_type, rank, alpha, lora.target_modules, lora.rank_pattern, lora.alpha_pattern,
-                           lokr_factor)
+                           lokr_factor, rank_dropout, module_dropout)
 
 
 def text_encoder_network_config(network_type: str, rank: int, alpha: float, dropout: float = 0.0,
                                 lokr_factor: int = -1, overrides: dict[str, tuple[int, float]] | None = None,
-                                preset: str = "kohya") -> LoraConfig | LoHaConfig | LoKrConfig:
+                                preset: str = "kohya", rank_dropout: float = 0.0, module_dropout: float = 0.0
+                                ) -> LoraConfig | LoHaConfig | LoKrConfig:
     if network_type == "lora":
         return text_encoder_lora_config(rank, alpha, dropout, overrides, preset)
-    return _lycoris_config(network_type, rank, alpha, text_encoder_targets(preset), {}, {}, lokr_factor)
+    return _lycoris_config(network_type, rank, alpha, text_encoder_targets(preset), {}, {}, lokr_factor, rank_dropout,
+                           module_dropout)
 
 
 def _lycoris_config(network_type: str, rank: int, alpha: float, targets, rank_pattern: dict, alpha_pattern: dict,
-                    lokr_factor: int) -> LoHaConfig | LoKrConfig:
+                    lokr_factor: int, rank_dropout: float = 0.0, module_dropout: float = 0.0) -> LoHaConfig | LoKrConfig:
     common = dict(r=rank, alpha=alpha, target_modules=targets, rank_pattern=dict(rank_pattern),
-                  alpha_pattern=dict(alpha_pattern), use_effective_conv2d=False)
+                  alpha_pattern=dict(alpha_pattern), use_effective_conv2d=False, rank_dropout=rank_dropout,
+                  module_dropout=module_dropout)
     if network_type == "loha":
         return LoHaConfig(**common)
     if network_type == "lokr":
@@ -110,11 +114,12 @@ def network_configs(net, overrides: dict | None = None) -> tuple:
     overrides = overrides or {}
     rank = net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank
     unet = unet_network_config(net.type, rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.lokr_factor,
-                               overrides.get("unet"), net.preset)
+                               overrides.get("unet"), net.preset, net.rank_dropout, net.module_dropout)
     te = None
     if net.train_text_encoder:
         te = text_encoder_network_config(net.type, rank, net.alpha, net.dropout, net.lokr_factor,
-                                         overrides.get("text_encoder"), net.preset)
+                                         overrides.get("text_encoder"), net.preset, net.rank_dropout,
+                                         net.module_dropout)
     return unet, te
 
 

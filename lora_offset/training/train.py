@@ -24,7 +24,7 @@ import torch
 from lora_offset import fileio
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
-from lora_offset.training import base_precision, determinism, models, networks, noise, trackers
+from lora_offset.training import base_precision, determinism, models, network_regularizers, networks, noise, trackers
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.group import build_datasets
 from lora_offset.training import optimizers
@@ -313,6 +313,9 @@ def add_networks(config: Config, unet, text_encoder, start=None, overrides=None)
     te_params = []
     if net.train_text_encoder:
         te_params = networks.add_lora(text_encoder, te_config)
+    if net.type == "lora":  # kohya's rank / module dropout (LoHa and LoKr have PEFT's, in their configs)
+        for model in (unet, text_encoder) if net.train_text_encoder else (unet,):
+            network_regularizers.add_rank_module_dropout(model, net.rank_dropout, net.module_dropout)
     if start is not None:
         count = networks.load_weights(start, unet, text_encoder if net.train_text_encoder else None)
         log.info("started the LoRA from %s (%d modules)", start.path, count)
