@@ -31,6 +31,7 @@ def validate(config: Config, source: str) -> None:
     require(n.alpha > 0, f"network.alpha must be > 0, got {n.alpha}")
     require(n.conv_rank >= 0, f"network.conv_rank must be >= 0 (0 = off), got {n.conv_rank}")
     require(n.conv_alpha > 0, f"network.conv_alpha must be > 0, got {n.conv_alpha}")
+    _validate_blocks(n, require)
     require(n.conv_rank == 0 or n.preset in ("kohya", "full"),
             f"network.conv_rank trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out: set "
             "conv_rank = 0, or use preset \"kohya\" or \"full\"")
@@ -136,6 +137,39 @@ def validate(config: Config, source: str) -> None:
     require(not t.validate_every_n_steps or any(d.validation_split > 0 for d in config.datasets),
             "training.validate_every_n_steps is set, but no dataset has validation_split > 0: nothing is held "
             "out to validate on")
+
+
+def _validate_blocks(n, require) -> None:
+    """kohya's block-wise keys of [network] (training/network_targets.py)."""
+    from lora_offset.training.network_targets import NUM_BLOCKS, lr_curve, uses_blocks
+
+    for key in ("down_lr_weight", "up_lr_weight"):
+        value = getattr(n, key)
+        if isinstance(value, str):
+            try:
+                lr_curve(value)
+            except ValueError as e:
+                require(False, f"network.{key} = {value!r}: {e}, optionally with \"+base\" (e.g. \"sine+0.5\")")
+        elif value is not None:
+            side = "input" if key == "down_lr_weight" else "output"
+            require(len(value) == 12, f"network.{key} must have 12 weights ({side}_blocks 0-11), got {len(value)}")
+    for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+        value = getattr(n, key)
+        if value is None:
+            continue
+        require(len(value) == NUM_BLOCKS, f"network.{key} must have {NUM_BLOCKS} values (input_blocks 0-11, the "
+                                          f"middle block, output_blocks 0-11), got {len(value)}")
+        if key.endswith("dims"):
+            require(all(d >= 0 for d in value), f"network.{key} must be ranks >= 0 (0 leaves the block out), got {value}")
+        else:
+            require(all(a > 0 for a in value), f"network.{key} must be alphas > 0, got {value}")
+    require(n.block_lr_zero_threshold >= 0,
+            f"network.block_lr_zero_threshold must be >= 0, got {n.block_lr_zero_threshold}")
+    require(not (uses_blocks(n) and n.dim_from_weights),
+            "network.dim_from_weights takes every module's rank from the file; remove the block-wise keys "
+            "(block_dims, *_lr_weight, ...) or dim_from_weights")
+    require(n.conv_block_dims is None or n.preset in ("kohya", "full"),
+            f"network.conv_block_dims trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out")
 
 
 def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> None:

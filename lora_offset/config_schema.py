@@ -44,6 +44,15 @@ class NetworkConfig:
     loha_rank: Optional[int] = None  # LoHa: rank of each Hadamard factor (PEFT LoHaConfig.r); None = rank
     lokr_factor: int = -1  # LoKr: PEFT LoKrConfig.decompose_factor; -1 = split near the square root
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: the up matrices learn this many times faster
+    # kohya's block-wise settings (training/network_targets.py: 25 blocks, 12 down, 1 mid, 12 up)
+    down_lr_weight: Optional[list[float] | str] = None  # 12 learning-rate weights, or a curve: "cosine+0.1", ...
+    mid_lr_weight: Optional[float] = None
+    up_lr_weight: Optional[list[float] | str] = None
+    block_lr_zero_threshold: float = 0.0  # a given weight at or below it leaves its block out
+    block_dims: Optional[list[int]] = None  # 25 ranks (0: the block is left out)
+    block_alphas: Optional[list[float]] = None  # 25 alphas
+    conv_block_dims: Optional[list[int]] = None  # 25 ranks of the 3x3 convs
+    conv_block_alphas: Optional[list[float]] = None
     weights: Optional[str] = None  # start from this LoRA file (kohya, diffusers or PEFT)
     dim_from_weights: bool = False  # take rank/alpha/conv_rank/conv_alpha from `weights`
 

@@ -248,3 +248,138 @@ def test_kohya_rank_and_module_dropout_train_and_are_recorded(tmp_path, tiny_mod
         recorded = f.metadata()["ss_network_args"]
     assert json.loads(recorded) == {"conv_dim": "2", "conv_alpha": "1.0", "rank_dropout": "0.1",
                                     "module_dropout": "0.2"}
+
+
+# --------------------------------------------------------------------------------------------------- blocks
+
+def ldm_block(ldm_path: str) -> int | None:
+    """The block a module's original (LDM) UNet path puts it in: input_blocks.N -> N, middle_block -> 12,
+    output_blocks.N -> 13 + N (what kohya's block numbering stands for)."""
+    m = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)", ldm_path)
+    if m is None:
+        return None
+    return {"input_blocks": int(m.group(2)), "middle_block": 12, "output_blocks": 13 + int(m.group(2))}[m.group(1)]
+
+
+def test_kohyas_block_numbering_is_the_ldm_unet_layout_on_every_sd15_module():
+    """Checked against diffusers' own single-file converter's map (lora_offset.formats.loaders), not itself."""
+    names = loaders.sd15_model_names()
+    assert len(names.unet_ldm) == 391  # every SD 1.5 UNet module with a weight
+    for path, ldm in names.unet_ldm.items():
+        assert network_targets.block_index(path) == ldm_block(ldm), (path, ldm)
+        for kind in ("linear", "conv"):
+            inside = [b for b in range(25) if (p := network_targets.block_pattern(b, kind)) and re.fullmatch(p, path)]
+            assert len(inside) <= 1 and all(b == ldm_block(ldm) for b in inside), (path, kind, inside)
+
+
+def test_lr_weight_curves_are_kohyas():
+    cosine, sine = network_targets.lr_curve("cosine"), network_targets.lr_curve("sine+0.5")
+    assert (cosine[0], cosine[-1], sine[0], sine[-1]) == (1.0, 0.0, 0.5, 1.5)
+    assert all(a > b for a, b in zip(cosine, cosine[1:])) and all(a < b for a, b in zip(sine, sine[1:]))
+    assert network_targets.lr_curve("linear") == [i / 11 for i in range(12)]
+    assert network_targets.lr_curve("reverse_linear") == [i / 11 for i in reversed(range(12))]
+    assert network_targets.lr_curve("zeros+0.25") == [0.25] * 12
+    net = NetworkConfig(down_lr_weight=[0.0, 0.5] + [1.0] * 10, up_lr_weight="zeros", block_lr_zero_threshold=0.5)
+    # given weights at or below the threshold become 0; the unset middle block stays 1
+    assert network_targets.block_lr_weights(net) == [0.0, 0.0] + [1.0] * 10 + [1.0] + [0.0] * 12
+    assert network_targets.block_lr_weights(NetworkConfig()) is None
+
+
+BLOCK_DIMS = [0, 2, 3, 1, 4, 0, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]
+BLOCK_ALPHAS = [1.0 + b / 4 for b in range(25)]
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_block_dims_give_each_block_its_rank_and_alpha_and_load_in_every_web_ui(kind):
+    net = NetworkConfig(type=kind, rank=4, alpha=2.0, conv_rank=3, conv_alpha=1.0, block_dims=BLOCK_DIMS,
+                        block_alphas=BLOCK_ALPHAS, conv_block_dims=[2] * 24 + [0], conv_block_alphas=[0.5] * 25)
+    c = injected(net)
+    by_block: dict[tuple, set] = {}
+    for name in networks.lora_module_names(c["unet"]):
+        layer = c["unet"].get_submodule(name)
+        rank = layer.r[networks.ADAPTER_NAME]
+        conv = re.fullmatch(network_targets.UNET_CONV_3X3_TARGETS, name) is not None
+        by_block.setdefault((network_targets.block_index(name), conv), set()).add(rank)
+    for block in range(1, 25):  # block 0 is conv_in, which preset "kohya" does not train
+        linear = network_targets.block_pattern(block, "linear") is not None
+        assert by_block.get((block, False)) == ({BLOCK_DIMS[block]} if linear and BLOCK_DIMS[block] else None), block
+        assert by_block.get((block, True)) == ({2} if block < 24 else None), block
+    assert (0, False) not in by_block and (None, False) not in by_block
+    state = exported(c, net)
+    for loader in LOADERS:
+        result = loaders.match(loader, state.keys(), loaders.tiny_model_names())
+        assert result.ok and len(result.applied_modules) == len(networks.lora_module_names(c["unet"])), loader
+    # modules of different ranks and alphas in one file: every web UI applies each module's own delta
+    from tests.test_lycoris import module_tensors, peft_layers
+
+    for key, layer in peft_layers(c).items():
+        expected = layer.get_delta_weight(networks.ADAPTER_NAME).detach().double()
+        shape = tuple(layer.get_base_layer().weight.shape)
+        for delta in (loaders.a1111_weight_delta(module_tensors(state, key), shape),
+                      loaders.comfyui_weight_delta(module_tensors(state, key), shape)):
+            torch.testing.assert_close(delta.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_a_zero_lr_weight_trains_no_module_in_its_block_and_groups_get_kohyas_lr(tmp_path, tiny_model_dir, images):
+    from lora_offset.training import optimizers
+
+    down = [0.0, 0.0, 0.5, 1.0, 0.0, 2.0, 1.0, 1.0, 1.0, 0.25, 1.0, 1.0]
+    net = NetworkConfig(rank=4, alpha=4.0, conv_rank=2, down_lr_weight=down, mid_lr_weight=0.0, up_lr_weight="linear")
+    weights = network_targets.block_lr_weights(net)
+    c = injected(net)
+    params = {n: p for n, p in c["unet"].named_parameters() if networks.is_adapter_parameter(n)}
+    blocks = {network_targets.block_index(n) for n in params}
+    assert blocks == {b for b in range(1, 25) if weights[b] > 0 and b != 13}  # up 0 has weight 0 ("linear")
+    groups = optimizers.param_groups("adamw", params, {}, 1e-3, None, None, weights)
+    names = {id(p): n for n, p in params.items()}
+    for group in groups:
+        (block,) = {network_targets.block_index(names[id(p)]) for p in group["params"]}
+        assert group["lr"] == pytest.approx(1e-3 * weights[block])  # kohya: unet_lr x the block's weight
+    assert sum(len(g["params"]) for g in groups) == len(params)
+    with pytest.raises(Exception, match="need a learning rate per block"):
+        optimizers.param_groups("prodigy", params, {}, 1.0, None, None, weights)
+    # Trained through the command line: the file has no module in a zero-weight block.
+    config = write_config(tmp_path, tiny_model_dir, images, network={
+        "rank": 4, "alpha": 4.0, "down_lr_weight": down, "mid_lr_weight": 0.0, "up_lr_weight": "linear"},
+        training={"max_steps": 2, "optimizer": "adamw"})
+    assert main(["train", "--config", str(config)]) == 0
+    modules = {k.split(".")[0] for k in load_file(tmp_path / "out" / "tiny.safetensors")}
+    paths = loaders.tiny_model_names().flat_index  # kohya module key -> (component, module path, naming)
+    file_blocks = {network_targets.block_index(paths[m][1]) for m in modules}
+    attention_blocks = {1, 2, 4, 5, 7, 8, 12, *range(16, 25)}  # no conv_rank: the transformers' modules alone
+    assert file_blocks == {b for b in attention_blocks if weights[b] > 0} == {2, 5, 7, 8, *range(16, 25)}
+
+
+@pytest.mark.parametrize("network, message", [
+    ({"down_lr_weight": [1.0] * 11}, "network.down_lr_weight must have 12 weights (input_blocks 0-11), got 11"),
+    ({"up_lr_weight": "cos"}, "network.up_lr_weight = 'cos': unknown lr weight curve 'cos'"),
+    ({"block_dims": [4] * 24}, "network.block_dims must have 25 values"),
+    ({"block_dims": [4] * 24 + [-1]}, "network.block_dims must be ranks >= 0"),
+    ({"block_alphas": [0.0] * 25}, "network.block_alphas must be alphas > 0"),
+    ({"conv_block_dims": [2] * 25, "preset": "attn-mlp"}, "network.conv_block_dims trains the ResNet convs"),
+    ({"block_dims": [4] * 25, "dim_from_weights": True, "weights": "x"}, "network.dim_from_weights takes every"),
+])
+def test_block_key_errors_name_the_key(tmp_path, network, message, capsys):
+    config = write_config(tmp_path, tmp_path, tmp_path, network=network)
+    assert main(["train", "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kohya_block_network_args_map_as_kohya_reads_them(kohya_dataset_config, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lora_offset")
+    base = ["--pretrained_model_name_or_path=m", f"--dataset_config={kohya_dataset_config}", "--output_dir=o",
+            "--seed=1", "--network_dim=8", "--network_alpha=4", "--network_args"]
+    dims = ",".join(str(d) for d in BLOCK_DIMS)
+    n = print_config(capsys, *base, "down_lr_weight=0,,0.5", "mid_lr_weight=0.5", "up_lr_weight=sine+0.1",
+                     "block_lr_zero_threshold=0.1", f"block_dims={dims}", "conv_block_dims=" + ",".join(["2"] * 25),
+                     "conv_block_alphas=" + ",".join(["1"] * 25))["network"]
+    assert n["down_lr_weight"] == [0.0, 0.0, 0.5] + [1.0] * 9  # kohya: an empty entry is 0, a short list ends in 1s
+    assert (n["mid_lr_weight"], n["up_lr_weight"], n["block_lr_zero_threshold"]) == (0.5, "sine+0.1", 0.1)
+    assert (n["block_dims"], n["conv_block_dims"], n["conv_block_alphas"]) == (BLOCK_DIMS, [2] * 25, [1.0] * 25)
+    # without block_dims or an lr weight kohya ignores the per-block alphas and conv dims
+    n = print_config(capsys, *base, "block_alphas=" + ",".join(["2"] * 25), "conv_dim=4",
+                     "conv_block_dims=" + ",".join(["2"] * 25))["network"]
+    assert "block_alphas" not in n and "conv_block_dims" not in n and n["conv_rank"] == 4
+    assert any("conv_block_dims: kohya reads it only with block_dims or an lr weight" in m for m in caplog.messages)

@@ -108,7 +108,9 @@ def network_table(module: str | None, dim: int | None, alpha: float, dropout: fl
 
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 DROPOUT_KEYS = ("rank_dropout", "module_dropout")  # the same names in [network]
-LORA_KEYS = ("conv_dim", "conv_alpha", *DROPOUT_KEYS, *LORAPLUS_KEYS)
+BLOCK_LR_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+BLOCK_DIM_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+LORA_KEYS = ("conv_dim", "conv_alpha", *DROPOUT_KEYS, *BLOCK_LR_KEYS, *BLOCK_DIM_KEYS, *LORAPLUS_KEYS)
 
 
 def _lora_args(kwargs: dict[str, str], t: dict, out: NetworkArgs, train_text_encoder: bool) -> None:
@@ -122,7 +124,51 @@ def _lora_args(kwargs: dict[str, str], t: dict, out: NetworkArgs, train_text_enc
     elif "conv_alpha" in kwargs:
         out.notes.append("--network_args conv_alpha: kohya reads it only with conv_dim; ignored, as there")
     _dropouts(kwargs, t, p)
+    _blocks(kwargs, t, out)
     _loraplus(kwargs, t, p, train_text_encoder)
+
+
+def _numbers(kwargs: dict[str, str], key: str, convert, problems: list[str]) -> list | None:
+    """kohya's comma-separated lists; an empty entry of an lr-weight list is 0 (kohya's rule)."""
+    try:
+        return [convert(x) if x.strip() else 0.0 for x in kwargs[key].split(",")]
+    except ValueError:
+        kind = "integers" if convert is int else "numbers"
+        problems.append(f"--network_args {key}={kwargs[key]}: must be comma-separated {kind}")
+        return None
+
+
+def _blocks(kwargs: dict[str, str], t: dict, out: NetworkArgs) -> None:
+    """kohya's block-wise network_args (networks/lora.py create_network, get_block_lr_weight)."""
+    p = out.problems
+    for key in ("down_lr_weight", "up_lr_weight"):
+        if key not in kwargs:
+            continue
+        if "," not in kwargs[key]:  # a named curve: "cosine", "sine+0.5", ...
+            t[key] = kwargs[key]
+            continue
+        weights = _numbers(kwargs, key, float, p)
+        if weights is not None and len(weights) != 12:
+            out.notes.append(f"--network_args {key}: {len(weights)} weights; kohya "
+                             + ("fills the missing ones with 1" if len(weights) < 12 else "uses the first 12"))
+            weights = (weights + [1.0] * 12)[:12]
+        t[key] = weights
+    if "mid_lr_weight" in kwargs:
+        weights = _numbers(kwargs, "mid_lr_weight", float, p)
+        t["mid_lr_weight"] = weights[0] if weights else None
+    if "block_lr_zero_threshold" in kwargs:
+        t["block_lr_zero_threshold"] = _number(kwargs, "block_lr_zero_threshold", float, p)
+    for key in BLOCK_DIM_KEYS:
+        if key in kwargs:
+            t[key] = _numbers(kwargs, key, int if key.endswith("dims") else float, p)
+    # kohya reads the per-block alphas and conv dims only with block_dims or an lr weight, and
+    # conv_block_alphas only with conv_block_dims: otherwise they are ignored, here as there.
+    block_mode = "block_dims" in kwargs or any(k in kwargs for k in BLOCK_LR_KEYS[:3])
+    for key in ("block_alphas", "conv_block_dims", "conv_block_alphas"):
+        if key in t and (not block_mode or (key == "conv_block_alphas" and "conv_block_dims" not in kwargs)):
+            needs = "conv_block_dims" if block_mode else "block_dims or an lr weight"
+            out.notes.append(f"--network_args {key}: kohya reads it only with {needs}; ignored, as there")
+            del t[key]
 
 
 def _dropouts(kwargs: dict[str, str], t: dict, p: list[str]) -> None:

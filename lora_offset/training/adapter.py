@@ -61,9 +61,14 @@ def network_args(net) -> dict[str, str]:
     out = {}
     if net.preset != "kohya":
         out["preset"] = net.preset
-    for key in ("rank_dropout", "module_dropout"):
+    for key in ("rank_dropout", "module_dropout", "block_lr_zero_threshold"):
         if getattr(net, key):
             out[key] = str(getattr(net, key))
+    for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+                "conv_block_alphas"):
+        value = getattr(net, key)
+        if value is not None:  # kohya's form: comma-separated, or the curve's name
+            out[key] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
     return out
 
 

@@ -26,6 +26,7 @@ conv_out are in no block.
 
 from __future__ import annotations
 
+import math
 import re
 
 PRESETS = ("kohya", "attn-only", "attn-mlp", "full")
@@ -92,15 +93,84 @@ def block_index(path: str) -> int | None:
     return None
 
 
-def block_prefix(block: int) -> str:
-    """A regex for the module paths inside `block` (0..24)."""
+def block_pattern(block: int, kind: str) -> str | None:
+    """A regex for the modules of one kind in `block` (0..24): kind "conv" = the 3x3 convs (conv_rank's),
+    "linear" = the rest (Linear and 1x1 conv); None when the block has none of that kind."""
     if block == 0:
-        return r"conv_in"
+        return r"conv_in" if kind == "conv" else None
     if block == MID_BLOCK:
-        return r"mid_block\..*"
+        return (r"mid_block\.resnets\.\d+\.(conv1|conv2)" if kind == "conv" else
+                r"mid_block\.(attentions\.\d+\..*|resnets\.\d+\.(time_emb_proj|conv_shortcut))")
     side, index = ("down", block - 1) if block < MID_BLOCK else ("up", block - MID_BLOCK - 1)
     i, j = divmod(index, 3)
-    inner = [rf"(attentions|resnets)\.{j}\..*"] if side == "up" or j < 2 else []
-    if j == 2:
-        inner.append(rf"{side}samplers\.0\..*")
-    return rf"{side}_blocks\.{i}\.{_any(*inner)}"
+    prefix = rf"{side}_blocks\.{i}\."
+    if side == "down" and j == 2:  # input_blocks.3/6/9: the downsampler alone
+        return rf"{prefix}downsamplers\.0\.conv" if kind == "conv" else None
+    if kind == "linear":
+        return rf"{prefix}(attentions\.{j}\..*|resnets\.{j}\.(time_emb_proj|conv_shortcut))"
+    sampler = rf"|{prefix}upsamplers\.0\.conv" if side == "up" and j == 2 else ""
+    return rf"({prefix}resnets\.{j}\.(conv1|conv2){sampler})"
+
+
+# ------------------------------------------------------------------------------ per-block ranks and lr weights
+
+LR_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+BLOCK_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+              "conv_block_alphas")
+
+
+def lr_curve(spec: str, length: int = 12) -> list[float]:
+    """kohya's named lr-weight curves over the 12 down or up blocks: "cosine", "sine", "linear",
+    "reverse_linear", "zeros", each optionally "+base" (networks/lora.py get_block_lr_weight)."""
+    name, _, base = spec.partition("+")
+    offset = float(base) if base else 0.0
+    steps = [i / (length - 1) for i in range(length)]
+    curves = {"cosine": [math.sin(math.pi * t / 2) for t in reversed(steps)],
+              "sine": [math.sin(math.pi * t / 2) for t in steps],
+              "linear": steps, "reverse_linear": list(reversed(steps)), "zeros": [0.0] * length}
+    if name not in curves:
+        raise ValueError(f"unknown lr weight curve {name!r}; kohya's are {', '.join(LR_CURVES)}")
+    return [w + offset for w in curves[name]]
+
+
+def block_lr_weights(net) -> list[float] | None:
+    """The 25 blocks' learning-rate weights of [network] `net` (1 where unset; at or below
+    block_lr_zero_threshold, 0), or None when no lr weight is set."""
+    if net.down_lr_weight is None and net.mid_lr_weight is None and net.up_lr_weight is None:
+        return None
+
+    def side(value) -> list[float]:
+        if value is None:
+            return [1.0] * 12
+        return lr_curve(value) if isinstance(value, str) else [float(w) for w in value]
+
+    weights = side(net.down_lr_weight) + [1.0 if net.mid_lr_weight is None else float(net.mid_lr_weight)] + side(
+        net.up_lr_weight)
+    given = ([True] * 12 if net.down_lr_weight is not None else [False] * 12) + [net.mid_lr_weight is not None] + (
+        [True] * 12 if net.up_lr_weight is not None else [False] * 12)
+    # kohya thresholds only the lists that were given: w if w > threshold else 0
+    return [w if not g or w > net.block_lr_zero_threshold else 0.0 for w, g in zip(weights, given)]
+
+
+def uses_blocks(net) -> bool:
+    return any(getattr(net, key) is not None for key in BLOCK_KEYS)
+
+
+def block_ranks(net, rank: int, alpha: float) -> tuple[list[tuple[int, float]], list[tuple[int, float]] | None]:
+    """(linear, conv): per block, the (rank, alpha) of its Linear / 1x1 modules and of its 3x3 convs
+    (conv None: no convs train). kohya's rules: block_dims / block_alphas default to rank / alpha,
+    conv_block_dims to conv_rank where it is > 0, conv_block_alphas to conv_alpha; a block whose lr
+    weight is 0 gets rank 0 (it is left out)."""
+    dims = net.block_dims or [rank] * NUM_BLOCKS
+    alphas = net.block_alphas or [alpha] * NUM_BLOCKS
+    linear = [(int(d), float(a)) for d, a in zip(dims, alphas)]
+    conv = None
+    if net.conv_block_dims is not None or net.conv_rank > 0:
+        conv_dims = net.conv_block_dims or [net.conv_rank] * NUM_BLOCKS
+        conv_alphas = net.conv_block_alphas or [net.conv_alpha] * NUM_BLOCKS
+        conv = [(int(d), float(a)) for d, a in zip(conv_dims, conv_alphas)]
+    weights = block_lr_weights(net)
+    if weights is not None:
+        linear = [(0, a) if w == 0 else (d, a) for (d, a), w in zip(linear, weights)]
+        conv = conv and [(0, a) if w == 0 else (d, a) for (d, a), w in zip(conv, weights)]
+    return linear, conv

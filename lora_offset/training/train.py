@@ -30,6 +30,7 @@ from lora_offset.training.data.group import build_datasets
 from lora_offset.training import optimizers
 from lora_offset.training.adapter import save_adapter
 from lora_offset.training.interrupt import TrainingInterrupted, install_sigint_handler
+from lora_offset.training.network_targets import block_lr_weights
 from lora_offset.training.samples import generate_class_images, write_samples
 from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state, saved_num_threads
@@ -123,7 +124,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     # ---- optimizer and learning-rate schedule -----------------------------------------------
     te_lora = lora_parameters(text_encoder) if te_params else {}
     groups = optimizers.param_groups(t.optimizer, lora_parameters(unet), te_lora, t.learning_rate, t.text_encoder_lr,
-                                     net.loraplus_lr_ratio)
+                                     net.loraplus_lr_ratio, block_lr_weights(net))
     optimizer = optimizers.make_optimizer(t.optimizer, groups, t.weight_decay, t.optimizer_args)
     lr_scheduler = optimizers.make_lr_scheduler(t, optimizer, max_steps)
     if net.train_text_encoder:
@@ -198,7 +199,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         if stepped:
             if hooks is not None:
                 hooks.on_step_end(step, loss)
-            lr = lr_scheduler.get_last_lr()[0]
+            # the UNet's learning rate now (the first group may run at a block's share of it)
+            lr = lr_scheduler.get_last_lr()[0] * t.learning_rate / lr_scheduler.base_lrs[0]
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": loss, "lr": lr, "skipped_steps": skipped_steps,
                              "epoch": calendar.epochs_completed(step)}, step=step)
