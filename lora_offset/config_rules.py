@@ -32,6 +32,8 @@ def validate(config: Config, source: str) -> None:
     require(n.conv_rank >= 0, f"network.conv_rank must be >= 0 (0 = off), got {n.conv_rank}")
     require(n.conv_alpha > 0, f"network.conv_alpha must be > 0, got {n.conv_alpha}")
     _validate_blocks(n, require)
+    require(n.scale_weight_norms is None or n.scale_weight_norms > 0,
+            f"network.scale_weight_norms must be > 0 (kohya suggests 1), got {n.scale_weight_norms}")
     require(n.conv_rank == 0 or n.preset in ("kohya", "full"),
             f"network.conv_rank trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out: set "
             "conv_rank = 0, or use preset \"kohya\" or \"full\"")

@@ -53,6 +53,7 @@ class NetworkConfig:
     block_alphas: Optional[list[float]] = None  # 25 alphas
     conv_block_dims: Optional[list[int]] = None  # 25 ranks of the 3x3 convs
     conv_block_alphas: Optional[list[float]] = None
+    scale_weight_norms: Optional[float] = None  # kohya's max-norm: after each step, no module's delta norm above it
     weights: Optional[str] = None  # start from this LoRA file (kohya, diffusers or PEFT)
     dim_from_weights: bool = False  # take rank/alpha/conv_rank/conv_alpha from `weights`
 

@@ -18,6 +18,7 @@ from lora_offset.formats import loaders
 from lora_offset.formats.kohya import kohya_state_dict
 from lora_offset.formats.lycoris import lycoris_state_dict
 from lora_offset.training import network_targets, networks
+from lora_offset.training.network_regularizers import adapter_layers, factors, scale_weight_norms
 from tests.test_kohya_command import documented_command, print_config
 from tests.test_train import make_images, write_config
 
@@ -383,3 +384,71 @@ def test_kohya_block_network_args_map_as_kohya_reads_them(kohya_dataset_config, 
                      "conv_block_dims=" + ",".join(["2"] * 25))["network"]
     assert "block_alphas" not in n and "conv_block_dims" not in n and n["conv_rank"] == 4
     assert any("conv_block_dims: kohya reads it only with block_dims or an lr weight" in m for m in caplog.messages)
+
+
+# --------------------------------------------------------------------------------------------------- max-norm
+
+def delta_norms(c: dict) -> dict[str, float]:
+    return {id(layer): float(layer.get_delta_weight(networks.ADAPTER_NAME).norm())
+            for model in (c["unet"], c["text_encoder"]) for layer in adapter_layers(model)}
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_max_norm_scales_every_delta_above_the_bound_down_to_it_and_leaves_the_others(kind):
+    net = NetworkConfig(type=kind, rank=4, alpha=4.0, conv_rank=2, conv_alpha=2.0, train_text_encoder=True)
+    c = injected(net)
+    before = delta_norms(c)
+    bound = sorted(before.values())[len(before) // 2]  # about half the modules are above it
+    params_before = {id(p): p.detach().clone() for m in (c["unet"], c["text_encoder"]) for p in m.parameters()
+                     if p.requires_grad}
+    stats = scale_weight_norms([c["unet"], c["text_encoder"]], bound)
+    after = delta_norms(c)
+    above = {k for k, n in before.items() if n > bound}
+    assert stats.keys_scaled == len(above) > 0
+    assert all(after[k] <= bound * (1 + 1e-5) for k in after)  # no delta norm above the bound
+    assert all(after[k] == pytest.approx(bound, rel=1e-5) for k in above)
+    assert stats.max_key_norm == pytest.approx(bound) and stats.average_key_norm <= bound
+    for model in (c["unet"], c["text_encoder"]):
+        for layer in adapter_layers(model):
+            if id(layer) not in above:  # untouched, bit for bit
+                assert all(p.equal(params_before[id(p)]) for p in factors(layer))
+            elif kind == "lora":  # kohya: up and down each by sqrt(ratio)
+                ratio = bound / before[id(layer)]
+                for p in factors(layer):
+                    torch.testing.assert_close(p, params_before[id(p)] * ratio ** 0.5)
+
+
+def test_scale_weight_norms_bounds_every_module_of_the_trained_file(tmp_path, tiny_model_dir, kohya_dataset_config):
+    from lora_offset.tiny import build_tiny_components
+    from tests.test_lycoris import module_tensors
+    from tests.test_train_kohya_datasets import scalars
+
+    out = tmp_path / "out"
+    args = documented_command(tiny_model_dir, kohya_dataset_config, out) + [
+        "--seed=0", "--max_train_epochs=3", "--learning_rate=3e-2", "--optimizer_type=AdamW", "--network_dim=4",
+        "--scale_weight_norms=0.05", f"--logging_dir={tmp_path / 'logs'}"]
+    assert main(["kohya", *args]) == 0
+    state = load_file(out / "my_lora.safetensors")
+    paths = loaders.tiny_model_names().flat_index
+    c = build_tiny_components(seed=0)
+    norms = []
+    for key in {k.split(".")[0] for k in state}:
+        component, path, _ = paths[key]
+        shape = tuple(c[component].get_submodule(path.removeprefix("text_model.") if component == "text_encoder"
+                                                  else path).weight.shape)
+        norms.append(float(loaders.a1111_weight_delta(module_tensors(state, key), shape).norm()))
+    assert len(norms) == 192 + 72 and max(norms) <= 0.05 * (1 + 1e-3)  # fp32 file, the loader's own delta
+    scaled = scalars(tmp_path / "logs", "max_norm/keys_scaled")
+    assert sorted(scaled) == [1, 2, 3] and max(scaled.values()) > 0  # logged every step, as kohya does
+    assert metadata_of(out / "my_lora.safetensors")["ss_scale_weight_norms"] == "0.05"
+
+
+def metadata_of(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_scale_weight_norms_must_be_positive(tmp_path, capsys):
+    config = write_config(tmp_path, tmp_path, tmp_path, network={"scale_weight_norms": 0.0})
+    assert main(["train", "--config", str(config)]) == 2
+    assert "network.scale_weight_norms must be > 0 (kohya suggests 1), got 0.0" in capsys.readouterr().err

@@ -88,9 +88,8 @@ def to_config(values: dict[str, Any], given: dict[str, str], *, seed: int, datas
                             v["network_args"], train_text_encoder=not v["network_train_unet_only"])
     recipe.notes += network.notes
     recipe.problems += network.problems
-    network.table.update(weights=v["network_weights"], dim_from_weights=v["dim_from_weights"])
-    if v["scale_weight_norms"]:
-        recipe.problems.append("--scale_weight_norms: not implemented yet")
+    network.table.update(weights=v["network_weights"], dim_from_weights=v["dim_from_weights"],
+                         scale_weight_norms=v["scale_weight_norms"] or None)  # kohya: 0 / unset = off
     recipe.config = {"model": _model(v), "network": network.table, "noise": _noise(v, recipe),
                      "training": _training(v, recipe, seed)}
     recipe.config["datasets"] = _datasets(v, recipe, dataset_config, dataset_source, train_subfolders, reg_subfolders)

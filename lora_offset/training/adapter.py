@@ -98,6 +98,7 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
         "ss_lr_scheduler_power": t.lr_scheduler_power,
         "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
         "ss_network_dropout": config.network.dropout or None,  # kohya writes its --network_dropout, None when unset
+        "ss_scale_weight_norms": config.network.scale_weight_norms,
         "ss_gradient_checkpointing": t.gradient_checkpointing,
         "ss_max_grad_norm": t.max_grad_norm,
         "ss_cache_latents": t.cache_latents,

@@ -204,6 +204,9 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": loss, "lr": lr, "skipped_steps": skipped_steps,
                              "epoch": calendar.epochs_completed(step)}, step=step)
+            if parts.max_norm_stats is not None:  # kohya's max_norm/* values: the modules scaled back this step
+                accelerator.log({f"max_norm/{k}": v for k, v in vars(parts.max_norm_stats).items()}, step=step)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", keys_scaled=parts.max_norm_stats.keys_scaled)
         if held_out is not None and validation_due(t, calendar, step):  # every process takes its share
             with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
                 val_loss = validation_loss(parts, held_out, validation_seed(config))
