@@ -4,6 +4,7 @@ on the tiny model (issue 23)."""
 from __future__ import annotations
 
 import inspect
+import re
 import os
 import subprocess
 import sys
@@ -163,14 +164,19 @@ def test_absent_options_take_kohyas_defaults(tmp_path, kohya_dataset_config, cap
     assert kohya_recipe.OFFSET_HINT in caplog.messages
 
 
-def test_command_line_dataset_options_fill_in_what_the_dataset_file_leaves_out(tmp_path, capsys):
+def test_command_line_dataset_options_fill_in_what_the_dataset_file_leaves_out(tmp_path, capsys, caplog):
     """kohya's BlueprintGenerator: subset <- dataset <- [general] <- the command line <- kohya's defaults."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lora_offset")
     images = make_images(tmp_path / "train" / "5_sks dog", 1)
     make_images(tmp_path / "reg" / "1_dog", 1)
     (tmp_path / "train" / "not a kohya folder").mkdir()
     base = ["--pretrained_model_name_or_path=m", "--output_dir=o", "--seed=1"]
     c = print_config(capsys, *base, f"--train_data_dir={tmp_path / 'train'}", f"--reg_data_dir={tmp_path / 'reg'}",
                      "--resolution=64,128", "--train_batch_size=2", "--flip_aug", "--keep_tokens=1")
+    assert any("skipped folders not named <repeats>_<class tokens> (as kohya): not a kohya folder" in m
+               for m in caplog.messages)
     d = c["dataset"]
     assert (d["resolution"], d["batch_size"]) == ([64, 128], 2)
     assert [(s["image_dir"], s["num_repeats"], s["class_tokens"], s["is_reg"], s["flip_aug"], s["keep_tokens"],
@@ -184,6 +190,27 @@ def test_command_line_dataset_options_fill_in_what_the_dataset_file_leaves_out(t
     c = print_config(capsys, *base, f"--dataset_config={data}", "--resolution=64", "--flip_aug", "--caption_extention=.txt")
     (s,) = c["dataset"]["subsets"]
     assert (s["num_repeats"], s["flip_aug"], s["caption_extension"]) == (1, False, ".txt")
+    assert s["class_tokens"] == "sks dog"  # from the folder name, for images without a caption file
+
+
+def test_save_state_and_adafactor_follow_kohya(kohya_dataset_config, capsys):
+    base = ["--pretrained_model_name_or_path=m", f"--dataset_config={kohya_dataset_config}", "--output_dir=o",
+            "--seed=1"]
+    assert print_config(capsys, *base, "--save_state")["training"]["save_state_every_steps"] == 100
+    assert print_config(capsys, *base, "--save_state", "--save_every_n_steps=20")["training"][
+        "save_state_every_steps"] == 20
+    t = print_config(capsys, *base, "--optimizer_type=adafactor", "--optimizer_args", "relative_step=False",
+                     "weight_decay=0.1")["training"]
+    assert (t["optimizer"], t["optimizer_args"], t["weight_decay"]) == ("adafactor", {"relative_step": False}, 0.1)
+    assert main(["kohya", *base, "--optimizer_type=Adafactor"]) == 2
+    assert "kohya's default relative_step=True" in capsys.readouterr().err
+
+
+def test_output_config_writes_nothing_for_a_recipe_that_cannot_run(tmp_path, kohya_dataset_config, capsys):
+    assert main(["kohya", "--pretrained_model_name_or_path=m", f"--dataset_config={kohya_dataset_config}",
+                 "--output_dir=o", "--full_fp16", "--config_file", str(tmp_path / "r"), "--output_config"]) == 2
+    assert "--full_fp16: the LoRA weights stay fp32" in capsys.readouterr().err
+    assert not (tmp_path / "r.toml").exists()
 
 
 def test_unsupported_options_are_one_error_that_lists_them_all(tmp_path, capsys):
@@ -283,3 +310,34 @@ def test_parsing_is_kohyas_argparse():
     assert kohya_options.int_or_float("5%") == 0.05 and kohya_options.int_or_float("100") == 100
     assert kohya_args.config_file_path("recipe") == Path("recipe.toml")
     assert kohya_args.flatten_config_file({"a": {"x": 1}, "y": 2, "b": {"z": 3}}) == {"x": 1, "y": 2, "z": 3}
+
+
+def doc_section(text: str, title: str) -> str:
+    part = text[text.index(title):]
+    end = part.find("\n## ", 1)
+    return part if end < 0 else part[:end]
+
+
+def test_docs_list_every_option_as_supported_without_effect_or_refused():
+    """docs/kohya.md: all 193 options, each in its group, the no-effect and refused ones with the code's reason."""
+    text = (ROOT / "docs" / "kohya.md").read_text(encoding="utf-8")
+    supported, no_effect = doc_section(text, "## Supported options"), doc_section(text, "## Accepted without effect")
+    refused = doc_section(text, "## Refused")
+    for name, why in kohya_options.NO_EFFECT.items():
+        assert f"| `--{name}` | {why} |" in no_effect, name
+    for name, why in kohya_options.REFUSED.items():
+        assert f"| `--{name}` | {why}" in refused, name
+    from lora_offset.formats.kohya_dataset import REFUSED as DATASET_REFUSED
+
+    for name in ("cache_info", "face_crop_aug_range"):
+        assert f"| `--{name}` | {DATASET_REFUSED[name][1]} |" in refused, name
+    assert f"| `--v2` | {kohya_options.SD2} |" in refused
+    for name in kohya_options.FAMILY_OPTIONS:
+        assert f"`--{name}`" in refused, name
+    special = {"v2", "cache_info", "face_crop_aug_range"}
+    for name in set(kohya_options.OPTIONS) - set(kohya_options.NO_EFFECT) - set(kohya_options.REFUSED) - special:
+        assert re.search(rf"^\|.*`--{name}`.*\|$", supported, flags=re.M), name
+        assert f"`--{name}`" not in no_effect + refused, name
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = doc_section(readme, "## Coming from kohya sd-scripts")
+    assert section.split("```bash\n", 1)[1].startswith("lora-offset kohya ") and "(docs/kohya.md)" in section

@@ -228,6 +228,10 @@ def _optimizer(v: _Values, recipe: Recipe) -> tuple[str, dict, float]:
             continue
         args[key.strip()] = list(value) if isinstance(value, tuple) else value
     weight_decay = args.pop("weight_decay", WEIGHT_DECAY_DEFAULTS[name])
+    if name == "adafactor" and (args.get("relative_step", True) or args.get("warmup_init", False)):
+        recipe.problems.append("--optimizer_type=Adafactor: kohya's default relative_step=True (forced by "
+                               "warmup_init=True) makes Adafactor run its own schedule, which lora-offset does not "
+                               "drive: add --optimizer_args relative_step=False and set --learning_rate")
     return name, args, float(weight_decay)
 
 
