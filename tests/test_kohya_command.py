@@ -242,6 +242,8 @@ def test_unsupported_options_are_one_error_that_lists_them_all(tmp_path, capsys)
     (["--max_token_length=100"], "argument --max_token_length: invalid choice: 100"),
     (["stray"], "'stray': train_network.py takes no positional arguments"),
     (["--output_config"], "--output_config writes the recipe to --config_file"),
+    (["--pretrained_model_name_or_path=m", "--output_dir=o", "--train_data_dir=.", "--lr_warmup_steps=10"],
+     "--lr_warmup_steps with --lr_scheduler=constant: kohya refuses it too"),
 ])
 def test_malformed_arguments_are_one_clear_error(args, message, capsys):
     assert main(["kohya", *args]) == 2

@@ -149,6 +149,9 @@ def _training(v: _Values, recipe: Recipe, seed: int) -> dict:
     epochs = v["max_train_epochs"]
     save_every_steps = v["save_every_n_steps"] or 0
     log_with = v["log_with"] or ("tensorboard" if v["logging_dir"] else "none")  # kohya logs only when asked
+    if v["lr_scheduler"] == "constant" and v["lr_warmup_steps"]:
+        recipe.problems.append("--lr_warmup_steps with --lr_scheduler=constant: kohya refuses it too (\"constant does "
+                               "not require num_warmup_steps\"); use --lr_scheduler=constant_with_warmup")
     if v["save_state"]:
         recipe.notes.append("--save_state: a resumable state every "
                             f"{save_every_steps or 100} steps (lora-offset's states are step-based; the last 2 kept)")
