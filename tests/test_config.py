@@ -170,7 +170,8 @@ def _float_keys() -> list[tuple[str, str, str]]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if holds_float(hints[f.name]):
-                is_list = typing.get_origin(hints[f.name]) is list
+                hint = hints[f.name]  # a list, or a union with a list arm (Optional[list[float] | str]): give a list
+                is_list = typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in typing.get_args(hint))
                 keys.append((section, f.name, is_list))
     return keys
 
