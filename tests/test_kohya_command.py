@@ -97,8 +97,8 @@ def test_the_same_recipe_as_a_config_file_gives_a_bit_identical_adapter(tmp_path
 def test_output_config_writes_the_recipe_back_and_it_round_trips(tmp_path, tiny_model_dir, kohya_dataset_config,
                                                                  capsys):
     args = documented_command(tiny_model_dir, kohya_dataset_config, tmp_path / "out") + [
-        "--network_args", "conv_dim=4", "--optimizer_args", "betas=0.9,0.99", "--lr_warmup_steps=5%",
-        "--text_encoder_lr", "5e-5"]
+        "--network_args", "conv_dim=4", "--optimizer_args", "betas=0.9,0.99", "--lr_scheduler=cosine",
+        "--lr_warmup_steps=5%", "--text_encoder_lr", "5e-5"]
     recipe = tmp_path / "recipe"
     assert main(["kohya", *args, "--config_file", str(recipe), "--output_config"]) == 0
     written = toml.loads((tmp_path / "recipe.toml").read_text(encoding="utf-8"))
@@ -110,7 +110,7 @@ def test_output_config_writes_the_recipe_back_and_it_round_trips(tmp_path, tiny_
         "network_dim": 16, "learning_rate": 1e-4, "optimizer_type": "AdamW8bit",
         "sdpa": True, "max_train_epochs": 10, "save_every_n_epochs": 1, "mixed_precision": "fp16",
         "gradient_checkpointing": True, "network_args": ["conv_dim=4"], "optimizer_args": ["betas=0.9,0.99"],
-        "lr_warmup_steps": 0.05, "text_encoder_lr": [5e-5]}
+        "lr_scheduler": "cosine", "lr_warmup_steps": 0.05, "text_encoder_lr": [5e-5]}
     assert not (tmp_path / "out").exists()  # nothing trained
     # kohya refuses to overwrite the file; so does lora-offset.
     assert main(["kohya", *args, "--config_file", str(recipe), "--output_config"]) == 2
