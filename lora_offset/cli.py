@@ -1,7 +1,9 @@
 """`lora-offset <command>`: one subcommand per module; each module owns its arguments.
 
 A command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
-only when their command runs, so `lora-offset inspect` does not pay for importing diffusers.
+only when their command runs, so `lora-offset inspect` does not pay for importing diffusers. A module
+with `PARSES_OWN_ARGUMENTS = True` (`kohya`, which takes another program's command line) gets the
+words after its name untouched, as `args.arguments`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lora_offset.training.train", "train a LoRA from a TOML config"),
+    "kohya": ("lora_offset.tools.kohya", "train a LoRA from kohya sd-scripts' train_network.py arguments"),
     "inspect": ("lora_offset.tools.inspect", "show a LoRA file's metadata, modules, rank/alpha and loader compatibility"),
     "merge": ("lora_offset.tools.merge", "merge LoRAs into an SD 1.x checkpoint, or into one LoRA"),
     "convert": ("lora_offset.tools.convert", "convert a diffusers/PEFT SD 1.x LoRA to kohya format"),
@@ -24,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 # Commands that load models through transformers / diffusers: their libraries' own progress bars are
 # turned off (lora_offset/quiet.py). The others never import those libraries, which takes seconds.
-LOADS_MODELS = {"train", "merge", "extract", "eval", "demo"}
+LOADS_MODELS = {"train", "kohya", "merge", "extract", "eval", "demo"}
 
 
 def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.ArgumentParser:
@@ -33,6 +36,7 @@ def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.Ar
 
     parser.add_argument("--version", action="version", version=f"lora-offset {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.own_commands = set()
     for name, (module_name, help_text) in commands.items():
         # A command whose module is not present in this build is simply not offered.
         try:
@@ -44,6 +48,8 @@ def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.Ar
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        if getattr(module, "PARSES_OWN_ARGUMENTS", False):
+            parser.own_commands.add(name)
     return parser
 
 
@@ -56,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         commands = {argv[0]: COMMANDS[argv[0]]}
     parser = build_parser(commands)
+    own = bool(argv) and argv[0] in parser.own_commands
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv[:1] if own else argv)
     except SystemExit as e:  # argparse printed the usage and its one `error:` line (or --help, --version)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    if own:
+        args.arguments = argv[1:]
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

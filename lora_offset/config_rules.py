@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_offset.config import KOHYA_FOLDER, Config, DatasetConfig, SubsetConfig
+from lora_offset.config_schema import KOHYA_FOLDER, DatasetConfig, SubsetConfig, folder_repeats
 from lora_offset.config_values import suggest
 from lora_offset.errors import UserError
+
+if TYPE_CHECKING:
+    from lora_offset.config import Config
 
 log = logging.getLogger("lora_offset")
 
@@ -27,7 +31,15 @@ def validate(config: Config, source: str) -> None:
     require(n.alpha > 0, f"network.alpha must be > 0, got {n.alpha}")
     require(n.conv_rank >= 0, f"network.conv_rank must be >= 0 (0 = off), got {n.conv_rank}")
     require(n.conv_alpha > 0, f"network.conv_alpha must be > 0, got {n.conv_alpha}")
+    _validate_blocks(n, require)
+    require(n.scale_weight_norms is None or n.scale_weight_norms > 0,
+            f"network.scale_weight_norms must be > 0 (kohya suggests 1), got {n.scale_weight_norms}")
+    require(n.conv_rank == 0 or n.preset in ("kohya", "full"),
+            f"network.conv_rank trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out: set "
+            "conv_rank = 0, or use preset \"kohya\" or \"full\"")
     require(0 <= n.dropout < 1, f"network.dropout must be in [0, 1), got {n.dropout}")
+    for key in ("rank_dropout", "module_dropout"):
+        require(0 <= getattr(n, key) < 1, f"network.{key} must be in [0, 1), got {getattr(n, key)}")
     require(n.loha_rank is None or n.loha_rank >= 1, f"network.loha_rank must be >= 1, got {n.loha_rank}")
     require(n.loha_rank is None or n.type == "loha",
             f"network.loha_rank is the rank of a LoHa; it does nothing with network.type = {n.type!r}: remove it")
@@ -127,6 +139,39 @@ def validate(config: Config, source: str) -> None:
     require(not t.validate_every_n_steps or any(d.validation_split > 0 for d in config.datasets),
             "training.validate_every_n_steps is set, but no dataset has validation_split > 0: nothing is held "
             "out to validate on")
+
+
+def _validate_blocks(n, require) -> None:
+    """kohya's block-wise keys of [network] (training/network_targets.py)."""
+    from lora_offset.training.network_targets import NUM_BLOCKS, lr_curve, uses_blocks
+
+    for key in ("down_lr_weight", "up_lr_weight"):
+        value = getattr(n, key)
+        if isinstance(value, str):
+            try:
+                lr_curve(value)
+            except ValueError as e:
+                require(False, f"network.{key} = {value!r}: {e}, optionally with \"+base\" (e.g. \"sine+0.5\")")
+        elif value is not None:
+            side = "input" if key == "down_lr_weight" else "output"
+            require(len(value) == 12, f"network.{key} must have 12 weights ({side}_blocks 0-11), got {len(value)}")
+    for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+        value = getattr(n, key)
+        if value is None:
+            continue
+        require(len(value) == NUM_BLOCKS, f"network.{key} must have {NUM_BLOCKS} values (input_blocks 0-11, the "
+                                          f"middle block, output_blocks 0-11), got {len(value)}")
+        if key.endswith("dims"):
+            require(all(d >= 0 for d in value), f"network.{key} must be ranks >= 0 (0 leaves the block out), got {value}")
+        else:
+            require(all(a > 0 for a in value), f"network.{key} must be alphas > 0, got {value}")
+    require(n.block_lr_zero_threshold >= 0,
+            f"network.block_lr_zero_threshold must be >= 0, got {n.block_lr_zero_threshold}")
+    require(not (uses_blocks(n) and n.dim_from_weights),
+            "network.dim_from_weights takes every module's rank from the file; remove the block-wise keys "
+            "(block_dims, *_lr_weight, ...) or dim_from_weights")
+    require(n.conv_block_dims is None or n.preset in ("kohya", "full"),
+            f"network.conv_block_dims trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out")
 
 
 def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> None:
@@ -237,18 +282,17 @@ def _resolve_kohya_folders(d: DatasetConfig, where: str, source: str) -> None:
         if not matched:
             raise UserError(f"{source}: {key} = {root!r} has no subfolder named like '10_sks dog' "
                             "(<repeats>_<class tokens>)")
-        d.subsets.extend(SubsetConfig(image_dir=str(p), is_reg=is_reg) for p in matched)
+        d.subsets.extend(SubsetConfig(image_dir=str(p), is_reg=is_reg, num_repeats=folder_repeats(str(p)))
+                         for p in matched)
     for s in d.subsets:
         match = KOHYA_FOLDER.match(Path(s.image_dir).name) if s.image_dir else None
         if match is None:
             continue
-        if s.num_repeats == 1:  # kohya: the folder's number applies unless the config sets repeats
-            if int(match.group(1)) == 0:
-                raise UserError(f"{source}: the image folder '{s.image_dir}' starts with 0 repeats, so nothing of "
-                                "it is trained (<repeats>_<class tokens>: the number before '_' is how often each "
-                                f"image is used per epoch): rename it, e.g. '{_renamed(Path(s.image_dir))}' (a subset's "
-                                "num_repeats other than 1 overrides the folder's number)")
-            s.num_repeats = int(match.group(1))
+        if s.num_repeats == 0 and int(match.group(1)) == 0:  # the folder's number, taken as kohya takes it
+            raise UserError(f"{source}: the image folder '{s.image_dir}' starts with 0 repeats, so nothing of "
+                            "it is trained (<repeats>_<class tokens>: the number before '_' is how often each "
+                            f"image is used per epoch): rename it, e.g. '{_renamed(Path(s.image_dir))}' (a subset's "
+                            "num_repeats overrides the folder's number)")
         if s.class_tokens is None:
             s.class_tokens = match.group(2)
 

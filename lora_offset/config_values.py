@@ -28,9 +28,9 @@ def suggest(key: str, valid, prefix: str = "") -> str:
 def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X]
-        inner = next(a for a in args if a is not type(None))
-        return coerce(value, inner, key, source)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X], Optional[X | Y]
+        arms = tuple(a for a in args if a is not type(None))
+        return coerce(value, arms[0] if len(arms) == 1 else typing.Union[arms], key, source)
     if origin in (typing.Union, types.UnionType):  # X | Y: the first type the value is
         list_arms = [a for a in args if typing.get_origin(a) is list]
         if isinstance(value, list) and list_arms:

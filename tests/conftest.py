@@ -30,3 +30,18 @@ def tiny_components():
     from lora_offset.tiny import build_tiny_components
 
     return build_tiny_components(seed=0)
+
+
+@pytest.fixture(scope="session")
+def kohya_dataset_config(tmp_path_factory):
+    """kohya's dataset TOML over one 64x64 image with a .txt caption (kohya's default extension is .caption)."""
+    from tests.test_train import make_images
+
+    root = tmp_path_factory.mktemp("kohya-data")
+    images = make_images(root / "img", 1)
+    (images / "img0.txt").write_text("sks dog", encoding="utf-8")
+    path = root / "my_dataset_config.toml"
+    path.write_text(f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = 64\nbatch_size = 1\n\n'
+                    f'  [[datasets.subsets]]\n  image_dir = "{images.as_posix()}"\n  num_repeats = 1\n',
+                    encoding="utf-8")
+    return path

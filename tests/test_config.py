@@ -109,6 +109,10 @@ def test_kohya_folder_naming_sets_repeats_and_tokens(tmp_path):
     text = MINIMAL.replace('image_dir = "imgs"\nclass_tokens = "sks dog"', 'image_dir = "data/10_sks dog"')
     subset = load_config(write(tmp_path, text)).dataset.subsets[0]
     assert (subset.num_repeats, subset.class_tokens) == (10, "sks dog")
+    # num_repeats written out wins over the folder's number, 1 included.
+    for repeats in (1, 3):
+        explicit = text.replace('image_dir = "data/10_sks dog"', f'image_dir = "data/10_sks dog"\nnum_repeats = {repeats}')
+        assert load_config(write(tmp_path, explicit)).dataset.subsets[0].num_repeats == repeats
 
 
 def test_kohya_train_and_reg_data_dir(tmp_path):
@@ -137,7 +141,7 @@ def test_a_kohya_folder_with_0_repeats_is_named_with_its_fix(tmp_path, caplog):
     assert error_of(load_config, named) == (
         f"{named}: the image folder 'data/0_cat' starts with 0 repeats, so nothing of it is trained (<repeats>_<class "
         "tokens>: the number before '_' is how often each image is used per epoch): rename it, e.g. '1_cat' (a "
-        "subset's num_repeats other than 1 overrides the folder's number)")
+        "subset's num_repeats overrides the folder's number)")
     kept = write(tmp_path, MINIMAL.replace('image_dir = "imgs"', 'image_dir = "data/0_cat"\nnum_repeats = 3'), "kept.toml")
     assert load_config(kept).dataset.subsets[0].num_repeats == 3
 
@@ -188,7 +192,8 @@ def _float_keys() -> list[tuple[str, str, str]]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if holds_float(hints[f.name]):
-                is_list = typing.get_origin(hints[f.name]) is list
+                hint = hints[f.name]  # a list, or a union with a list arm (Optional[list[float] | str]): give a list
+                is_list = typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in typing.get_args(hint))
                 keys.append((section, f.name, is_list))
     return keys
 

@@ -11,9 +11,9 @@ import torch
 
 from lora_offset.formats import loaders
 from lora_offset.formats.keys import kohya_name, normalize_text_encoder_name
-from lora_offset.training.networks import (TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS, UNET_CONV_3X3_TARGETS,
-                              UNET_CONV_RANK_TARGETS, add_lora, lora_module_names, text_encoder_lora_config,
-                              unet_lora_config)
+from lora_offset.training.network_targets import (TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS,
+                                                  UNET_CONV_3X3_TARGETS, UNET_CONV_RANK_TARGETS)
+from lora_offset.training.networks import add_lora, lora_module_names, text_encoder_lora_config, unet_lora_config
 
 LOADER_NAMES = list(loaders.LOADERS)
 VARIANTS = ("unet", "unet+te", "unet+te+conv")

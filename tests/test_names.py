@@ -168,7 +168,8 @@ def test_a_missing_wandb_stops_train_before_any_work_with_one_line(tmp_path, tin
 # ------------------------------------------------------------------- network types and base precisions
 
 @pytest.mark.parametrize("network_type", accepted(NetworkConfig, "type"))
-def test_every_network_type_builds_its_peft_adapter_on_the_unet(tiny_components, network_type):
+@pytest.mark.parametrize("preset", accepted(NetworkConfig, "preset"))
+def test_every_network_type_and_preset_builds_its_peft_adapter_on_the_unet(tiny_components, network_type, preset):
     from peft.tuners.loha import LoHaLayer
     from peft.tuners.lokr import LoKrLayer
     from peft.tuners.lora import LoraLayer
@@ -177,7 +178,7 @@ def test_every_network_type_builds_its_peft_adapter_on_the_unet(tiny_components,
 
     layer = {"lora": LoraLayer, "loha": LoHaLayer, "lokr": LoKrLayer}[network_type]
     unet = tiny_components["unet"]
-    unet_config, _ = networks.network_configs(NetworkConfig(type=network_type, rank=4, alpha=4.0))
+    unet_config, _ = networks.network_configs(NetworkConfig(type=network_type, preset=preset, rank=4, alpha=4.0))
     params = networks.add_lora(unet, unet_config)
     assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params)
     wrapped = [m for m in unet.modules() if isinstance(m, layer)]
@@ -237,6 +238,7 @@ def test_every_resize_interpolation_resamples(interpolation):
 def test_every_section_literal_is_covered_here():
     """A new Literal key in the config must be added to this file (its names must build something)."""
     covered = {("ModelConfig", "base_precision"), ("ModelConfig", "prediction_type"), ("NetworkConfig", "type"),
+               ("NetworkConfig", "preset"),
                ("TrainingConfig", "optimizer"), ("TrainingConfig", "log_with"), ("TrainingConfig", "mixed_precision"),
                ("TrainingConfig", "loss_type"), ("TrainingConfig", "huber_schedule"),
                ("TrainingConfig", "save_precision"), ("TrainingConfig", "max_token_length"),

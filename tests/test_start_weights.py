@@ -11,6 +11,7 @@ from lora_offset.config import NetworkConfig
 from lora_offset.errors import UserError
 from lora_offset.formats.kohya import kohya_state_dict, save_lora
 from lora_offset.training import networks
+from lora_offset.training.network_targets import UNET_ATTENTION_TARGETS
 from tests.test_train import make_images, write_config
 
 
@@ -75,7 +76,7 @@ def test_per_module_ranks_and_alphas_come_from_the_file(tmp_path):
     from lora_offset.tiny import build_tiny_components
 
     c = build_tiny_components(seed=0)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=networks.UNET_ATTENTION_TARGETS,
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=UNET_ATTENTION_TARGETS,
                         rank_pattern={"attn2.to_k": 2}, alpha_pattern={"attn2.to_k": 1, "proj_in": 3})
     c["unet"].add_adapter(config)
     with torch.no_grad():

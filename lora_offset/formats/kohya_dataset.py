@@ -68,11 +68,12 @@ def refuse(table: dict, where: str, source: str) -> dict:
 
 
 def kohya_datasets(data: dict, source: str, native_dataset_keys: Iterable[str],
-                   native_subset_keys: Iterable[str]) -> list[dict]:
+                   native_subset_keys: Iterable[str], fallback: dict | None = None) -> list[dict]:
     """kohya's dataset config `data` -> lora-offset dataset tables (`subsets` included), one per [[datasets]].
 
     `native_*_keys`: lora-offset's own dataset and subset keys (also accepted). Values cascade as in
-    kohya: subset <- dataset <- general, and dataset <- general.
+    kohya: subset <- dataset <- general, and dataset <- general; `fallback` (kohya keys) is the level
+    below [general]: kohya's train_network.py takes the command line's dataset options there.
     """
     dataset_keys = set(DATASET_KEYS) | set(native_dataset_keys)
     subset_keys = set(SUBSET_KEYS) | set(native_subset_keys)
@@ -83,6 +84,7 @@ def kohya_datasets(data: dict, source: str, native_dataset_keys: Iterable[str],
         raise UserError(f"{source}: [general] must be a table")
     general = refuse(general, "general.", source)
     _check(general, (dataset_keys | subset_keys) - set(SUBSET_ONLY_KEYS), source, "general.")
+    general = {**(fallback or {}), **general}
     datasets = data.get("datasets", [])
     if not isinstance(datasets, list) or not datasets or not all(isinstance(d, dict) for d in datasets):
         raise UserError(f"{source}: expected one or more [[datasets]] tables, each with [[datasets.subsets]]")

@@ -70,6 +70,7 @@ def ss_metadata(
     base_model_name: str | None = None,
     network_type: str = "lora",
     lokr_factor: int = -1,
+    more_network_args: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """kohya-compatible `__metadata__` (every value a string) plus the modelspec.* fields.
@@ -98,6 +99,7 @@ def ss_metadata(
         network_args = {"algo": network_type, **network_args}
         if network_type == "lokr":
             network_args["factor"] = str(int(lokr_factor))
+    network_args.update(more_network_args or {})
 
     fields: dict[str, Any] = {
         "ss_network_module": "networks.lora" if network_type == "lora" else "lycoris.kohya",

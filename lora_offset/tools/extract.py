@@ -30,15 +30,15 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def target_weights(weights: dict[str, torch.Tensor], component: str, conv: bool) -> list[str]:
-    """The weight keys of kohya's LoRA targets in one model's state dict (lora_offset.training.networks)."""
-    from lora_offset.training import networks
+    """The weight keys of kohya's LoRA targets in one model's state dict (lora_offset.training.network_targets)."""
+    from lora_offset.training import network_targets as targets
 
     if component == "text_encoder":
-        patterns = [networks.TEXT_ENCODER_TARGETS]
+        patterns = [targets.TEXT_ENCODER_TARGETS]
     else:
-        patterns = [networks.UNET_ATTENTION_TARGETS]
+        patterns = [targets.UNET_ATTENTION_TARGETS]
         if conv:
-            patterns += [networks.UNET_CONV_3X3_TARGETS, networks.UNET_CONV_RANK_TARGETS]
+            patterns += [targets.UNET_CONV_3X3_TARGETS, targets.UNET_CONV_RANK_TARGETS]
     return [key for key in weights if key.endswith(".weight")
             and any(re.fullmatch(p, key.removesuffix(".weight")) for p in patterns)]
 

@@ -28,6 +28,7 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
         network_dim=net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank,
         network_type=net.type,
         lokr_factor=net.lokr_factor,
+        more_network_args=network_args(net),
         network_alpha=net.alpha,
         conv_dim=net.conv_rank,
         conv_alpha=net.conv_alpha,
@@ -55,6 +56,22 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
 
 
+def network_args(net) -> dict[str, str]:
+    """The [network] settings beyond dim/alpha/conv as kohya and LyCORIS record their network_args (strings)."""
+    out = {}
+    if net.preset != "kohya":
+        out["preset"] = net.preset
+    for key in ("rank_dropout", "module_dropout", "block_lr_zero_threshold"):
+        if getattr(net, key):
+            out[key] = str(getattr(net, key))
+    for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+                "conv_block_alphas"):
+        value = getattr(net, key)
+        if value is not None:  # kohya's form: comma-separated, or the curve's name
+            out[key] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return out
+
+
 def optimizer_record(t) -> str:
     """ss_optimizer as kohya writes it: the class, then the arguments given (`Class(k=v,...)`)."""
     args = ",".join(f"{k}={v}" for k, v in t.optimizer_args.items())
@@ -80,6 +97,11 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
         "ss_lr_scheduler_num_cycles": t.lr_scheduler_num_cycles,
         "ss_lr_scheduler_power": t.lr_scheduler_power,
         "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
+        "ss_network_dropout": config.network.dropout or None,  # kohya writes its --network_dropout, None when unset
+        "ss_scale_weight_norms": config.network.scale_weight_norms,
+        "ss_gradient_checkpointing": t.gradient_checkpointing,
+        "ss_max_grad_norm": t.max_grad_norm,
+        "ss_cache_latents": t.cache_latents,
         "ss_min_timestep": z.min_timestep,
         "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
     }

@@ -1,6 +1,6 @@
 """PEFT adapters on kohya's SD 1.x targets: LoRA, and LyCORIS's LoHa and LoKr (network.type).
 
-kohya's default SD 1.x LoRA touches every Linear / 1x1 Conv inside the UNet's transformer blocks
+The targets are network.preset's (network_targets.py). kohya's default SD 1.x LoRA touches every Linear / 1x1 Conv inside the UNet's transformer blocks
 (192 modules in SD 1.5) and, when the text encoder is trained, CLIP's attention and MLP
 projections (72 modules). Conv LoRA ("LoCon", conv_rank > 0) adds the ResNet blocks and the
 down/up samplers: 3x3 convs get conv_rank/conv_alpha, while their Linear time_emb_proj and 1x1
@@ -23,54 +23,68 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 
 from lora_offset.errors import UserError
+from lora_offset.training.network_targets import (UNET_CONV_3X3_TARGETS, block_pattern, block_ranks,
+                                                  text_encoder_targets, unet_targets, uses_blocks)
 
 ADAPTER_NAME = "default"
 NETWORK_TYPES = ("lora", "loha", "lokr")
 # Parameter-name prefixes of PEFT's LoraModel, LoHaModel and LoKrModel (their `prefix` attribute).
 ADAPTER_PARAMETER_PREFIXES = ("lora_", "hada_", "lokr_")
 
-# Module-name regexes (PEFT full-matches a string target_modules against each module name).
-UNET_ATTENTION_TARGETS = (
-    r".*attentions\.\d+\.(proj_in|proj_out"
-    r"|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
-    r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
-)
-UNET_CONV_3X3_TARGETS = r".*(resnets\.\d+\.(conv1|conv2)|downsamplers\.0\.conv|upsamplers\.0\.conv)"
-UNET_CONV_RANK_TARGETS = r".*resnets\.\d+\.(time_emb_proj|conv_shortcut)"
-# transformers 5 CLIPTextModel names have no "text_model." level; 4.x names do: match both.
-TEXT_ENCODER_TARGETS = r"(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+Blocks = tuple  # (linear, conv) of network_targets.block_ranks: per block (rank, alpha), conv None without convs
 
 
 def unet_lora_config(rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0,
-                     dropout: float = 0.0, overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig:
-    """LoraConfig for the UNet: attention targets, plus ResNet/sampler convs when conv_rank > 0.
+                     dropout: float = 0.0, overrides: dict[str, tuple[int, float]] | None = None,
+                     preset: str = "kohya", blocks: Blocks | None = None) -> LoraConfig:
+    """LoraConfig for the UNet: the preset's targets (network_targets.py), 3x3 convs at conv_rank when > 0.
 
     `overrides`: {module path: (rank, alpha)} for single modules (a LoRA file with per-module ranks).
+    `blocks`: kohya's per-block ranks and alphas (network_targets.block_ranks); rank 0 leaves a block out.
     """
-    target = UNET_ATTENTION_TARGETS
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                      **unet_patterns(rank, alpha, conv_rank, conv_alpha, overrides, preset, blocks))
+
+
+def unet_patterns(rank: int, alpha: float, conv_rank: int, conv_alpha: float, overrides, preset: str,
+                  blocks: Blocks | None) -> dict:
+    """PEFT's target_modules, rank_pattern, alpha_pattern and exclude_modules for the UNet.
+
+    PEFT takes the first rank/alpha pattern that matches a module name's end, so the order is: single
+    modules (`overrides`), then blocks, then the 3x3 convs' conv_rank; `exclude_modules` wins over all."""
+    conv_blocks = blocks[1] if blocks is not None else None
+    target, conv_targets = unet_targets(preset, conv_rank > 0 or conv_blocks is not None)
     rank_pattern, alpha_pattern = _module_patterns(overrides)
-    if conv_rank > 0:
-        target = f"({UNET_ATTENTION_TARGETS}|{UNET_CONV_3X3_TARGETS}|{UNET_CONV_RANK_TARGETS})"
-        rank_pattern[UNET_CONV_3X3_TARGETS] = conv_rank
-        alpha_pattern[UNET_CONV_3X3_TARGETS] = conv_alpha
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-        target_modules=target,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-    )
+    exclude = []
+    for kind, per_block in (("linear", blocks[0] if blocks else None), ("conv", conv_blocks)):
+        for block, (block_rank, block_alpha) in enumerate(per_block or []):
+            pattern = block_pattern(block, kind)
+            if pattern is None or (block == 0 and preset != "full"):  # conv_in (block 0) is "full"'s alone
+                continue
+            if block_rank == 0:
+                exclude.append(pattern)
+            elif kind == "conv" or (block_rank, block_alpha) != (rank, alpha):
+                rank_pattern[pattern], alpha_pattern[pattern] = block_rank, block_alpha
+    if conv_targets is not None:
+        if conv_rank > 0:
+            rank_pattern[conv_targets], alpha_pattern[conv_targets] = conv_rank, conv_alpha
+        else:  # conv_block_dims alone: the 3x3 convs outside every block (conv_out) stay out
+            exclude.append(r"conv_out")
+    return {"target_modules": target, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "exclude_modules": f"(.*\\.)?({'|'.join(exclude)})" if exclude else None}
 
 
 def text_encoder_lora_config(rank: int, alpha: float, dropout: float = 0.0,
-                             overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig:
+                             overrides: dict[str, tuple[int, float]] | None = None,
+                             preset: str = "kohya") -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                      **text_encoder_patterns(overrides, preset))
+
+
+def text_encoder_patterns(overrides, preset: str) -> dict:
     rank_pattern, alpha_pattern = _module_patterns(overrides)
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-        target_modules=TEXT_ENCODER_TARGETS, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-    )
+    return {"target_modules": text_encoder_targets(preset), "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern}
 
 
 def _module_patterns(overrides: dict[str, tuple[int, float]] | None) -> tuple[dict, dict]:
@@ -84,28 +98,32 @@ def _module_patterns(overrides: dict[str, tuple[int, float]] | None) -> tuple[di
 
 def unet_network_config(network_type: str, rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0,
                         dropout: float = 0.0, lokr_factor: int = -1,
-                        overrides: dict[str, tuple[int, float]] | None = None) -> LoraConfig | LoHaConfig | LoKrConfig:
-    """The PEFT config of a LoRA, LoHa or LoKr on the UNet's kohya targets (conv ones when conv_rank > 0);
-    `overrides` (LoRA): per-module (rank, alpha), see unet_lora_config."""
+                        overrides: dict[str, tuple[int, float]] | None = None, preset: str = "kohya",
+                        rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                        blocks: Blocks | None = None) -> LoraConfig | LoHaConfig | LoKrConfig:
+    """The PEFT config of a LoRA, LoHa or LoKr on the UNet modules of `preset` (3x3 convs when conv_rank > 0);
+    `overrides` (LoRA): per-module (rank, alpha), see unet_lora_config. `rank_dropout` / `module_dropout`: PEFT's,
+    for LoHa and LoKr (a LoRA gets kohya's through network_regularizers.add_rank_module_dropout)."""
     if network_type == "lora":
-        return unet_lora_config(rank, alpha, conv_rank, conv_alpha, dropout, overrides)
-    lora = unet_lora_config(rank, alpha, conv_rank, conv_alpha)
-    return _lycoris_config(network_type, rank, alpha, lora.target_modules, lora.rank_pattern, lora.alpha_pattern,
-                           lokr_factor)
+        return unet_lora_config(rank, alpha, conv_rank, conv_alpha, dropout, overrides, preset, blocks)
+    patterns = unet_patterns(rank, alpha, conv_rank, conv_alpha, None, preset, blocks)
+    return _lycoris_config(network_type, rank, alpha, patterns, lokr_factor, rank_dropout, module_dropout)
 
 
 def text_encoder_network_config(network_type: str, rank: int, alpha: float, dropout: float = 0.0,
-                                lokr_factor: int = -1, overrides: dict[str, tuple[int, float]] | None = None
+                                lokr_factor: int = -1, overrides: dict[str, tuple[int, float]] | None = None,
+                                preset: str = "kohya", rank_dropout: float = 0.0, module_dropout: float = 0.0
                                 ) -> LoraConfig | LoHaConfig | LoKrConfig:
     if network_type == "lora":
-        return text_encoder_lora_config(rank, alpha, dropout, overrides)
-    return _lycoris_config(network_type, rank, alpha, TEXT_ENCODER_TARGETS, {}, {}, lokr_factor)
+        return text_encoder_lora_config(rank, alpha, dropout, overrides, preset)
+    return _lycoris_config(network_type, rank, alpha, text_encoder_patterns(None, preset), lokr_factor, rank_dropout,
+                           module_dropout)
 
 
-def _lycoris_config(network_type: str, rank: int, alpha: float, targets, rank_pattern: dict, alpha_pattern: dict,
-                    lokr_factor: int) -> LoHaConfig | LoKrConfig:
-    common = dict(r=rank, alpha=alpha, target_modules=targets, rank_pattern=dict(rank_pattern),
-                  alpha_pattern=dict(alpha_pattern), use_effective_conv2d=False)
+def _lycoris_config(network_type: str, rank: int, alpha: float, patterns: dict, lokr_factor: int,
+                    rank_dropout: float = 0.0, module_dropout: float = 0.0) -> LoHaConfig | LoKrConfig:
+    common = dict(r=rank, alpha=alpha, **patterns, use_effective_conv2d=False, rank_dropout=rank_dropout,
+                  module_dropout=module_dropout)
     if network_type == "loha":
         return LoHaConfig(**common)
     if network_type == "lokr":
@@ -118,12 +136,14 @@ def network_configs(net, overrides: dict | None = None) -> tuple:
     `overrides`: {"unet" | "text_encoder": {module path: (rank, alpha)}} of network.dim_from_weights."""
     overrides = overrides or {}
     rank = net.loha_rank if net.type == "loha" and net.loha_rank is not None else net.rank
+    blocks = block_ranks(net, rank, net.alpha) if uses_blocks(net) else None
     unet = unet_network_config(net.type, rank, net.alpha, net.conv_rank, net.conv_alpha, net.dropout, net.lokr_factor,
-                               overrides.get("unet"))
+                               overrides.get("unet"), net.preset, net.rank_dropout, net.module_dropout, blocks)
     te = None
     if net.train_text_encoder:
         te = text_encoder_network_config(net.type, rank, net.alpha, net.dropout, net.lokr_factor,
-                                         overrides.get("text_encoder"))
+                                         overrides.get("text_encoder"), net.preset, net.rank_dropout,
+                                         net.module_dropout)
     return unet, te
 
 

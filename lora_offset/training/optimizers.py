@@ -4,9 +4,10 @@ Every optimizer is a well-kept library's (bitsandbytes, torch, prodigyopt, trans
 schedulefree); lora-offset only chooses its defaults, builds the parameter groups and checks
 `training.optimizer_args` against the class's constructor before anything heavy runs.
 
-Parameter groups: the UNet LoRA at `learning_rate`, the text-encoder LoRA at `text_encoder_lr`;
-with LoRA+ (`network.loraplus_lr_ratio`) each is split into its down (lora_A) and up (lora_B)
-matrices, the up ones at lr x ratio (Hayou et al. 2024; kohya's loraplus_lr_ratio). An adaptive
+Parameter groups: the UNet LoRA at `learning_rate` (with kohya's block lr weights, one group per
+UNet block at learning_rate x its weight), the text-encoder LoRA at `text_encoder_lr`; with LoRA+
+(`network.loraplus_lr_ratio`) each is split into its down (lora_A) and up (lora_B) matrices, the
+up ones at lr x ratio (Hayou et al. 2024; kohya's loraplus_lr_ratio). An adaptive
 optimizer (Prodigy) estimates one step size for everything it holds: it gets one group.
 """
 
@@ -155,13 +156,19 @@ def _rewrite_hint(key: str, value, default) -> str:
 
 
 def param_groups(name: str, unet_params: dict[str, torch.nn.Parameter], te_params: dict[str, torch.nn.Parameter],
-                 learning_rate: float, text_encoder_lr: float | None, loraplus_lr_ratio: float | None) -> list[dict]:
-    """Parameter groups (see the module docstring). `*_params`: {name: parameter} of each LoRA."""
+                 learning_rate: float, text_encoder_lr: float | None, loraplus_lr_ratio: float | None,
+                 block_lr_weights: list[float] | None = None) -> list[dict]:
+    """Parameter groups (see the module docstring). `*_params`: {name: parameter} of each LoRA.
+    `block_lr_weights`: kohya's 25 block weights (network_targets.block_lr_weights); each UNet block is
+    then a group at learning_rate x its weight (a module in no block: x 1)."""
     te_lr = learning_rate if text_encoder_lr is None else text_encoder_lr
     if OPTIMIZERS[name].adaptive:
         if loraplus_lr_ratio:
             raise UserError(f"network.loraplus_lr_ratio needs a learning rate per group; {name} adapts one step "
                             "size for all parameters: remove loraplus_lr_ratio or choose another optimizer")
+        if block_lr_weights is not None:
+            raise UserError(f"network.down_lr_weight / mid_lr_weight / up_lr_weight need a learning rate per block; "
+                            f"{name} adapts one step size for all parameters: remove them or choose another optimizer")
         if te_params and te_lr != learning_rate:
             log.warning("training.text_encoder_lr is ignored with %s: it adapts one step size for the UNet and "
                         "the text encoder together (one parameter group at training.learning_rate)", name)
@@ -170,7 +177,7 @@ def param_groups(name: str, unet_params: dict[str, torch.nn.Parameter], te_param
                         "1.0 is the usual value", learning_rate, name, name)
         return [{"params": list(unet_params.values()) + list(te_params.values()), "lr": learning_rate}]
     groups = []
-    for params, lr in ((unet_params, learning_rate), (te_params, te_lr)):
+    for params, lr in (*_block_parts(unet_params, learning_rate, block_lr_weights), (te_params, te_lr)):
         if not params:
             continue
         if loraplus_lr_ratio:
@@ -180,6 +187,19 @@ def param_groups(name: str, unet_params: dict[str, torch.nn.Parameter], te_param
         else:
             groups.append({"params": list(params.values()), "lr": lr})
     return groups
+
+
+def _block_parts(params: dict[str, torch.nn.Parameter], lr: float, weights: list[float] | None):
+    """[(params, lr)]: all at `lr`, or one part per kohya block at lr x its weight, in block order."""
+    if weights is None:
+        return [(params, lr)]
+    from lora_offset.training.network_targets import block_index
+
+    parts: dict[int | None, dict] = {}
+    for key, p in params.items():
+        parts.setdefault(block_index(key), {})[key] = p
+    order = sorted(parts, key=lambda b: -1 if b is None else b)
+    return [(parts[b], lr * (1.0 if b is None else weights[b])) for b in order]
 
 
 def make_optimizer(name: str, groups: list[dict], weight_decay: float,

@@ -1,4 +1,5 @@
-"""One optimizer step: batch -> latents -> noise -> forward -> loss -> backward (x gradient accumulation) -> update.
+"""One optimizer step: batch -> latents -> noise -> forward -> loss -> backward (x gradient accumulation) -> update
+(-> kohya's max-norm, network.scale_weight_norms).
 
 Every process computes the same global batch, noise and timesteps (one generator, same seed) and
 takes its own slice, so N processes train exactly what one process would with N times the batch.
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lora_offset.training import losses, noise
+from lora_offset.training import losses, network_regularizers, noise
 from lora_offset.training.text import encode_prompts
 
 
@@ -37,6 +38,7 @@ class StepParts:
     num_train_timesteps: int
     weight_dtype: torch.dtype
     max_steps: int  # of the run (a fractional caption token_warmup_step is a share of it)
+    max_norm_stats: Any = None  # network_regularizers.MaxNormStats of the last step, with network.scale_weight_norms
 
 
 def optimizer_step(parts: StepParts, step: int) -> float:
@@ -64,6 +66,10 @@ def optimizer_step(parts: StepParts, step: int) -> float:
                     accelerator.clip_grad_norm_(parts.trainable, t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                bound = parts.config.network.scale_weight_norms
+                if bound:  # kohya's max-norm, right after the update
+                    models = [accelerator.unwrap_model(m) for m in (parts.unet, parts.text_encoder)]  # a frozen one has none
+                    parts.max_norm_stats = network_regularizers.scale_weight_norms(models, bound)
     return loss_sum
 
 

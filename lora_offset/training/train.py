@@ -24,12 +24,13 @@ import torch
 from lora_offset import fileio
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
-from lora_offset.training import base_precision, determinism, models, networks, noise, trackers
+from lora_offset.training import base_precision, determinism, models, network_regularizers, networks, noise, trackers
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.group import build_datasets
 from lora_offset.training import optimizers
 from lora_offset.training.adapter import save_adapter
 from lora_offset.training.interrupt import TrainingInterrupted, install_sigint_handler
+from lora_offset.training.network_targets import block_lr_weights
 from lora_offset.training.samples import generate_class_images, write_samples
 from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state, saved_num_threads
@@ -123,7 +124,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     # ---- optimizer and learning-rate schedule -----------------------------------------------
     te_lora = lora_parameters(text_encoder) if te_params else {}
     groups = optimizers.param_groups(t.optimizer, lora_parameters(unet), te_lora, t.learning_rate, t.text_encoder_lr,
-                                     net.loraplus_lr_ratio)
+                                     net.loraplus_lr_ratio, block_lr_weights(net))
     optimizer = optimizers.make_optimizer(t.optimizer, groups, t.weight_decay, t.optimizer_args)
     lr_scheduler = optimizers.make_lr_scheduler(t, optimizer, max_steps)
     if net.train_text_encoder:
@@ -198,10 +199,14 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         if stepped:
             if hooks is not None:
                 hooks.on_step_end(step, loss)
-            lr = lr_scheduler.get_last_lr()[0]
+            # the UNet's learning rate now (the first group may run at a block's share of it)
+            lr = lr_scheduler.get_last_lr()[0] * t.learning_rate / lr_scheduler.base_lrs[0]
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": loss, "lr": lr, "skipped_steps": skipped_steps,
                              "epoch": calendar.epochs_completed(step)}, step=step)
+            if parts.max_norm_stats is not None:  # kohya's max_norm/* values: the modules scaled back this step
+                accelerator.log({f"max_norm/{k}": v for k, v in vars(parts.max_norm_stats).items()}, step=step)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", keys_scaled=parts.max_norm_stats.keys_scaled)
         if held_out is not None and validation_due(t, calendar, step):  # every process takes its share
             with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
                 val_loss = validation_loss(parts, held_out, validation_seed(config))
@@ -318,6 +323,9 @@ def add_networks(config: Config, unet, text_encoder, start=None, overrides=None)
     te_params = []
     if net.train_text_encoder:
         te_params = networks.add_lora(text_encoder, te_config)
+    if net.type == "lora":  # kohya's rank / module dropout (LoHa and LoKr have PEFT's, in their configs)
+        for model in (unet, text_encoder) if net.train_text_encoder else (unet,):
+            network_regularizers.add_rank_module_dropout(model, net.rank_dropout, net.module_dropout)
     if start is not None:
         count = networks.load_weights(start, unet, text_encoder if net.train_text_encoder else None)
         log.info("started the LoRA from %s (%d modules)", start.path, count)
@@ -360,16 +368,20 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides, dataset_config=args.dataset_config)
+    return run_training(config, args.resume, again=f"lora-offset train --config {args.config} --resume latest")
+
+
+def run_training(config: Config, resume: str | None, again: str) -> int:
+    """train() for a command: Ctrl-C -> 130, a full disk -> how to continue (`again`: the command that resumes)."""
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
-        path = train(config, resume=args.resume)
+        path = train(config, resume=resume)
     except TrainingInterrupted as e:
         log.warning("%s", e)
         return 130
     except fileio.DiskFullError as e:  # what was saved before is intact: say how to go on from it
         states = sorted((Path(config.training.output_dir) / STATE_DIR).glob("state-*.pt"))
-        then = (f"; then continue from {states[-1].name} with: lora-offset train --config {args.config} --resume latest"
-                if states else "; then run again")
+        then = f"; then continue from {states[-1].name} with: {again}" if states else "; then run again"
         raise UserError(f"{e}{then}") from None
     finally:  # however train() ended, Ctrl-C means what it meant before
         signal.signal(signal.SIGINT, ctrl_c)
