@@ -29,7 +29,9 @@ def trackers(log_with: str) -> list[str]:
         try:  # an import, not a look-up: a wandb that is there but cannot load fails here too, not mid-run
             importlib.import_module("wandb")
         except ImportError as e:
-            raise UserError(f"training.log_with = {log_with!r} needs the wandb package ({e}): pip install "
+            missing = isinstance(e, ModuleNotFoundError) and e.name == "wandb"
+            why = "" if missing else f" (it is installed but does not import: {e})"
+            raise UserError(f"training.log_with = {log_with!r} needs the wandb package{why}: pip install "
                             "'lora-offset[wandb]' (or pip install wandb), or set training.log_with = "
                             "\"tensorboard\"") from None
     return names
