@@ -80,3 +80,9 @@ def test_demo_quick_with_two_jobs_prints_its_stages_and_no_library_notice(tmp_pa
     assert "setup: base model, data and configs" in output and "eval control: done" in output
     for log in (tmp_path / "demo" / "logs").glob("*.log"):  # each job's own output: clean too
         assert_clean(log.read_text(errors="replace"))
+    import json
+
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    jobs = set(report["timings_s"]) - {"setup", "total"}
+    assert set(report["cpu_s"]) == jobs and all(v > 0 for v in report["cpu_s"].values())  # each forked job's CPU
+    assert "CPU time of each job (s; one thread each): classes" in (tmp_path / "demo" / "report.md").read_text()

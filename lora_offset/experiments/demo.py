@@ -194,7 +194,9 @@ def run_demo(out: Path, quick: bool = False, full: bool = False, jobs: int = 2, 
     job_times = demo_runner.run_jobs(out, plan, max(0, jobs), say)
     timings.update(job_times)
     timings["total"] = time.perf_counter() - started
-    report = demo_report.build_report(out, p, timings, base_record=demo_base.read_record(weights))
+    cpu = {job_id: demo_jobs.cpu_seconds(demo_runner.job_log(out, job_id)) for job_id in job_times}
+    report = demo_report.build_report(out, p, timings, base_record=demo_base.read_record(weights),
+                                      cpu={k: v for k, v in cpu.items() if v is not None})
     demo_jobs.write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", demo_report.render_report(report))
     return report

@@ -15,6 +15,7 @@ The protocol (demo.protocol.json, written by demo.py before any job runs) fixes 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -370,6 +371,15 @@ def run_logged(out: str, args: list[str], logfile: str) -> None:
     finally:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+    # The job's own CPU time (a forked process counts from zero): a load-independent stage cost.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    atomic_write_text(Path(logfile).with_suffix(".cpu"), f"{usage.ru_utime + usage.ru_stime:.2f}\n")
+
+
+def cpu_seconds(logfile: Path) -> float | None:
+    """The CPU seconds a job run by run_logged used (None for a job run some other way)."""
+    path = Path(logfile).with_suffix(".cpu")
+    return float(path.read_text()) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:

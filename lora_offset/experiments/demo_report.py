@@ -34,7 +34,7 @@ def loss_summary(losses: list[float], within: float) -> dict:
     return {"quarters": quarters, "flattened": flat, "steps": len(losses)}
 
 
-def build_report(out: Path, p: dict, timings: dict, base_record: dict) -> dict:
+def build_report(out: Path, p: dict, timings: dict, base_record: dict, cpu: dict | None = None) -> dict:
     gates = _read(out / "gates.json")
     inst, cls = p["instance_prompt"], p["class_prompt"]
     base_plain = gates["eval"]["plain"]
@@ -74,6 +74,7 @@ def build_report(out: Path, p: dict, timings: dict, base_record: dict) -> dict:
         "conditions": conditions,
         "protocol": {k: v for k, v in p.items() if k != "arms"},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "cpu_s": {k: round(v, 1) for k, v in (cpu or {}).items()},  # each job's own CPU time
         "base_record": {k: base_record.get(k) for k in ("unet_steps_done", "unet_loss_last_100", "scaling_factor",
                                                           "vae_checks", "latent_amplitude")},
     }
@@ -274,4 +275,6 @@ def render_report(r: dict) -> str:
         lines.append(f"- {name}: ![{name}](eval/{name}/plain/{s['grid']}) "
                      f"[\"{cls}\"](eval/{name}/plain/{s['class_prompt']['grid']})")
     lines += ["", "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items()), ""]
+    if r.get("cpu_s"):
+        lines += ["CPU time of each job (s; one thread each): " + ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_s"].items()), ""]
     return "\n".join(lines)

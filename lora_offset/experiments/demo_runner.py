@@ -81,12 +81,16 @@ def start_forked_job(out: Path, args: list[str], logfile: Path) -> Job:
     return _ForkedJob(process)
 
 
+def job_log(out: Path, job_id: str) -> Path:
+    return out / "logs" / f"{job_id.replace(' ', '-')}.log"
+
+
 def run_jobs(out: Path, plan, workers: int, say: Callable[[str], None],
              start: Callable[[Path, list[str], Path], Job] = start_forked_job) -> dict[str, float]:
     """Run the plan: `workers` jobs at once (`start(out, args, logfile)` starts one; default: forked
     from the fork server), or in-process one after another with workers = 0. A job's output goes to
-    DIR/logs/<job>.log; a failed job stops the demo (after the running ones finish) with its log's tail.
-    Returns each job's seconds."""
+    DIR/logs/<job>.log (job_log); a failed job stops the demo (after the running ones finish) with its
+    log's tail. Returns each job's seconds."""
     from lora_offset.experiments import demo_jobs
 
     timings: dict[str, float] = {}
@@ -107,7 +111,7 @@ def run_jobs(out: Path, plan, workers: int, say: Callable[[str], None],
 
     def run_one(job_id: str, args: list[str]) -> None:
         t0 = time.perf_counter()
-        logfile = out / "logs" / f"{job_id.replace(' ', '-')}.log"
+        logfile = job_log(out, job_id)
         ok = start(out, args, logfile).wait() == 0
         with lock:
             timings[job_id] = time.perf_counter() - t0
