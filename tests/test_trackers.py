@@ -37,8 +37,8 @@ def test_missing_wandb_is_one_clear_error(tmp_path, tiny_model_dir, monkeypatch,
     images = make_images(tmp_path / "img", 2)
     config = write_config(tmp_path, tiny_model_dir, images, training={"log_with": "wandb"})
     assert main(["train", "--config", str(config)]) == 2
-    assert "training.log_with = 'wandb' needs the wandb package: pip install 'lora-offset[wandb]'" in \
-        capsys.readouterr().err
+    assert "training.log_with = 'wandb' needs the wandb package (import of wandb halted; None in sys.modules): " \
+           "pip install 'lora-offset[wandb]'" in capsys.readouterr().err
 
 
 def test_log_with_none_writes_no_logs(tmp_path, tiny_model_dir):
