@@ -65,8 +65,17 @@ class NoiseConfig:
     input_perturbation: float = 0.0
     zero_terminal_snr: bool = False
     min_snr_gamma: float = 0.0  # 0 = off
-    min_timestep: int = 0  # timesteps are drawn uniformly from [min_timestep, max_timestep)
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep)
     max_timestep: Optional[int] = None  # None: the schedule's length (1000)
+    # how they are drawn (lora_offset/training/timesteps.py: OneTrainer's and SimpleTuner's definitions)
+    timestep_distribution: Literal["uniform", "logit_normal", "cosmap", "timestep_bias"] = "uniform"
+    logit_mean: float = 0.0  # logit_normal: sigmoid(N(mean, std)); mean > 0 leans towards the noisy end
+    logit_std: float = 1.0
+    timestep_bias_strategy: Literal["earlier", "later", "range"] = "later"  # SimpleTuner's --timestep_bias_*
+    timestep_bias_multiplier: float = 1.0  # the biased timesteps' weight (the others weigh 1)
+    timestep_bias_portion: float = 0.25  # earlier / later: the first / last int(portion * 1000) timesteps
+    timestep_bias_begin: int = 0  # range: timesteps [begin, end)
+    timestep_bias_end: int = 1000
 
 
 @dataclass

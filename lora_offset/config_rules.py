@@ -50,6 +50,7 @@ def validate(config: Config, source: str) -> None:
     require(0 <= z.min_timestep < max_timestep <= 1000,
             f"noise.min_timestep ({z.min_timestep}) and noise.max_timestep ({max_timestep}) must satisfy "
             "0 <= min_timestep < max_timestep <= 1000 (timesteps are drawn from [min_timestep, max_timestep))")
+    _validate_timesteps(z, require)
     require(0 < t.huber_c <= 1, f"training.huber_c must be in (0, 1], got {t.huber_c}")
     require(not (z.zero_terminal_snr and m.prediction_type != "v_prediction"),
             "noise.zero_terminal_snr = true needs model.prediction_type = \"v_prediction\" "
@@ -127,6 +128,36 @@ def validate(config: Config, source: str) -> None:
     require(not t.validate_every_n_steps or any(d.validation_split > 0 for d in config.datasets),
             "training.validate_every_n_steps is set, but no dataset has validation_split > 0: nothing is held "
             "out to validate on")
+
+
+def _validate_timesteps(z, require) -> None:
+    """noise.timestep_distribution and its parameters (lora_offset/training/timesteps.py)."""
+    require(z.logit_std > 0, f"noise.logit_std must be > 0, got {z.logit_std}")
+    require(z.timestep_bias_multiplier > 0,
+            f"noise.timestep_bias_multiplier must be > 0 (below 1 makes the biased timesteps rarer), "
+            f"got {z.timestep_bias_multiplier}")
+    require(0.001 <= z.timestep_bias_portion <= 1,
+            f"noise.timestep_bias_portion must be in [0.001, 1] (a share of the 1000 timesteps), got {z.timestep_bias_portion}")
+    require(0 <= z.timestep_bias_begin < z.timestep_bias_end <= 1000,
+            f"noise.timestep_bias_begin ({z.timestep_bias_begin}) and noise.timestep_bias_end ({z.timestep_bias_end}) "
+            "must satisfy 0 <= begin < end <= 1000 (the biased timesteps are [begin, end))")
+    defaults = type(z)()
+    owners = {"logit_mean": "logit_normal", "logit_std": "logit_normal",
+              **{f"timestep_bias_{k}": "timestep_bias" for k in ("strategy", "multiplier", "portion", "begin", "end")}}
+    for key, owner in owners.items():
+        require(getattr(z, key) == getattr(defaults, key) or z.timestep_distribution == owner,
+                f"noise.{key} shapes noise.timestep_distribution = \"{owner}\"; it does nothing with "
+                f"\"{z.timestep_distribution}\": remove it or set timestep_distribution = \"{owner}\"")
+    if z.timestep_distribution == "timestep_bias":
+        require(z.timestep_bias_multiplier != 1.0,
+                "noise.timestep_distribution = \"timestep_bias\" with noise.timestep_bias_multiplier = 1.0 is uniform: "
+                "set a multiplier (2.0 draws the biased timesteps twice as often, 0.5 half as often)")
+        ranged = z.timestep_bias_strategy == "range"
+        for key in ("begin", "end") if not ranged else ("portion",):
+            require(getattr(z, f"timestep_bias_{key}") == getattr(defaults, f"timestep_bias_{key}"),
+                    f"noise.timestep_bias_{key} does nothing with noise.timestep_bias_strategy = "
+                    f"\"{z.timestep_bias_strategy}\" (" + ("earlier / later take timestep_bias_portion" if not ranged
+                                                        else "range takes timestep_bias_begin and _end") + "): remove it")
 
 
 def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
         prior_loss_weight=t.prior_loss_weight,
         base_model_name=config.model.pretrained,
         extra={**base_precision.metadata(config.model.base_precision, models.compute_dtype(accelerator)),
-               **training_metadata(config, calendar), **dataset_metadata(config, dataset)},
+               **training_metadata(config, calendar), **dataset_metadata(config, dataset),
+               **timestep_metadata(config)},
     )
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
 
@@ -82,6 +84,19 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
         "ss_loraplus_lr_ratio": config.network.loraplus_lr_ratio,
         "ss_min_timestep": z.min_timestep,
         "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
+    }
+
+
+def timestep_metadata(config: Config) -> dict:
+    """lora-offset's own record of the timestep distribution (JSON: its name and the parameters it uses)."""
+    z = config.noise
+    used = {"logit_normal": ("logit_mean", "logit_std"), "timestep_bias": (
+        "timestep_bias_strategy", "timestep_bias_multiplier",
+        *(("timestep_bias_begin", "timestep_bias_end") if z.timestep_bias_strategy == "range" else
+          ("timestep_bias_portion",)))}.get(z.timestep_distribution, ())
+    return {
+        "lora_offset.timestep_distribution": json.dumps({"name": z.timestep_distribution,
+                                                          **{k: getattr(z, k) for k in used}}),
     }
 
 
