@@ -133,6 +133,12 @@ class TrainingConfig:
     channels_last: bool = False  # channels-last memory format for the UNet (GPU throughput)
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
     deterministic: Optional[bool] = None  # bit-identical reruns and resumes; None: true on CPU, false on a GPU
+    # EMA of the LoRA weights (lora_offset/training/ema.py); the exported adapter is the EMA's
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.999
+    ema_warmup: bool = True  # the decay of the k-th update is min(ema_decay, (1 + k) / (10 + k)) (k from 0)
+    ema_on_cpu: bool = False  # keep the average in CPU memory (small GPUs)
+    ema_save: Literal["ema", "both"] = "ema"  # "both": {output_name}.safetensors is the trained weights, -ema the EMA
+    sample_with_ema: bool = True  # samples show the EMA weights (false: the trained ones)
 
 
 @dataclass

@@ -117,6 +117,7 @@ def validate(config: Config, source: str) -> None:
             "training.save_last_n_epochs keeps the newest epoch files: it needs training.save_every_n_epochs")
     _check_scheduler_name(t.lr_scheduler, source)
     _check_sample_settings(config, source)
+    _validate_ema(t, require)
     require(t.validate_every_n_steps >= 0,
             f"training.validate_every_n_steps must be >= 0 (0 = at the end of each epoch), got {t.validate_every_n_steps}")
     for i, d in enumerate(config.datasets):
@@ -158,6 +159,19 @@ def _validate_timesteps(z, require) -> None:
                     f"noise.timestep_bias_{key} does nothing with noise.timestep_bias_strategy = "
                     f"\"{z.timestep_bias_strategy}\" (" + ("earlier / later take timestep_bias_portion" if not ranged
                                                         else "range takes timestep_bias_begin and _end") + "): remove it")
+
+
+def _validate_ema(t, require) -> None:
+    """training.ema_* (lora_offset/training/ema.py)."""
+    require(0 <= t.ema_decay < 1, f"training.ema_decay must be in [0, 1) (0 = off; 0.999 is usual), got {t.ema_decay}")
+    if t.ema_decay == 0:
+        for key, default in (("ema_warmup", True), ("ema_on_cpu", False), ("ema_save", "ema"), ("sample_with_ema", True)):
+            require(getattr(t, key) == default,
+                    f"training.{key} is an EMA setting; it does nothing without training.ema_decay: set ema_decay "
+                    "(e.g. 0.999) or remove it")
+    require(not (t.ema_decay and t.optimizer == "adamw_schedulefree"),
+            "training.ema_decay with training.optimizer = \"adamw_schedulefree\": schedule-free AdamW averages its "
+            "weights already (samples and saves use its average); remove ema_decay")
 
 
 def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> None:

@@ -253,7 +253,7 @@ def test_every_section_literal_is_covered_here():
                ("TrainingConfig", "loss_type"), ("TrainingConfig", "huber_schedule"),
                ("TrainingConfig", "save_precision"), ("TrainingConfig", "max_token_length"),
                ("SubsetConfig", "resize_interpolation"), ("NoiseConfig", "timestep_distribution"),
-               ("NoiseConfig", "timestep_bias_strategy")}
+               ("NoiseConfig", "timestep_bias_strategy"), ("TrainingConfig", "ema_save")}
     from lora_offset.config import SECTIONS
 
     found = set()
@@ -265,5 +265,6 @@ def test_every_section_literal_is_covered_here():
             if any(typing.get_origin(h) is typing.Literal for h in inner):
                 found.add((cls.__name__, f.name))
     # prediction_type, save_precision and max_token_length are tested where they act (test_train,
-    # test_export, test_text): their values are numbers and dtypes, not objects from a library.
+    # test_export, test_text): their values are numbers and dtypes, not objects from a library; ema_save's
+    # two values write their files in test_ema.
     assert found == covered, f"new Literal keys: {found - covered}; gone: {covered - found}"
