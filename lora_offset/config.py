@@ -1,7 +1,7 @@
 """The training config: one TOML file, typed and validated before anything heavy is loaded.
 
-Sections `[model] [network] [noise] [training] [dataset]` and `[[dataset.subsets]]`, one dataclass
-each; several datasets (each its own resolution, batch size and buckets) are `[[datasets]]` tables
+Sections `[model] [network] [noise] [training] [monitor] [dataset]` and `[[dataset.subsets]]`, one
+dataclass each; several datasets (each its own resolution, batch size and buckets) are `[[datasets]]` tables
 with the keys of `[dataset]` and their own `[[datasets.subsets]]`. Every key is checked: an unknown
 key is an error naming the closest valid key, a wrong type names the expected type, an out-of-range
 value says what is allowed. kohya's dataset-config TOML (`[general]`, `[[datasets]]`,
@@ -138,7 +138,24 @@ class TrainingConfig:
     ema_warmup: bool = True  # the decay of the k-th update is min(ema_decay, (1 + k) / (10 + k)) (k from 0)
     ema_on_cpu: bool = False  # keep the average in CPU memory (small GPUs)
     ema_save: Literal["ema", "both"] = "ema"  # "both": {output_name}.safetensors is the trained weights, -ema the EMA
-    sample_with_ema: bool = True  # samples show the EMA weights (false: the trained ones)
+    sample_with_ema: bool = True  # samples and the range monitor show the EMA weights (false: the trained ones)
+
+
+@dataclass
+class MonitorConfig:
+    """The range monitor (lora_offset/training/monitor.py): brightness and colour of probe prompts at each sample step."""
+
+    enabled: Optional[bool] = None  # None: on whenever samples are on
+    # default: the first instance subset's class_tokens, the first class subset's, "a very dark photo", "a very bright photo"
+    prompts: list[str] = field(default_factory=list)
+    images: int = 2  # per prompt; image i uses seed + i
+    steps: int = 10
+    resolution: Optional[int] = None  # default: the dataset's
+    seed: int = 0
+    guidance_scale: Optional[float] = None  # default: training.sample_guidance_scale
+    flip_margin: float = 0.03  # a colour flip: another channel leads the base's dominant one by this much
+    dark_prompt: str = "a very dark photo"  # the probe whose mean luminance must not rise ...
+    dark_rise: float = 0.05  # ... by more than this above the base model's
 
 
 @dataclass
@@ -195,6 +212,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # [dataset], or several [[datasets]]: each its own resolution, batch size and buckets
     datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig()])
 
@@ -224,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "network": NetworkConfig,
     "noise": NoiseConfig,
     "training": TrainingConfig,
+    "monitor": MonitorConfig,
     "dataset": DatasetConfig,
 }
 SUBSET_KEYS = [f.name for f in dataclasses.fields(SubsetConfig)]

@@ -118,6 +118,7 @@ def validate(config: Config, source: str) -> None:
     _check_scheduler_name(t.lr_scheduler, source)
     _check_sample_settings(config, source)
     _validate_ema(t, require)
+    _validate_monitor(config, require)
     require(t.validate_every_n_steps >= 0,
             f"training.validate_every_n_steps must be >= 0 (0 = at the end of each epoch), got {t.validate_every_n_steps}")
     for i, d in enumerate(config.datasets):
@@ -172,6 +173,26 @@ def _validate_ema(t, require) -> None:
     require(not (t.ema_decay and t.optimizer == "adamw_schedulefree"),
             "training.ema_decay with training.optimizer = \"adamw_schedulefree\": schedule-free AdamW averages its "
             "weights already (samples and saves use its average); remove ema_decay")
+
+
+def _validate_monitor(config: Config, require) -> None:
+    """[monitor] (lora_offset/training/monitor.py)."""
+    mon, t = config.monitor, config.training
+    sampling = bool(t.sample_every_steps or t.sample_every_n_epochs or t.sample_at_first)
+    require(not mon.enabled or sampling,
+            "monitor.enabled = true, but no samples are scheduled: the range monitor measures at each sample step; "
+            "set training.sample_every_steps (or sample_every_n_epochs, sample_at_first)")
+    require(mon.images >= 1, f"monitor.images must be >= 1, got {mon.images}")
+    require(mon.steps >= 1, f"monitor.steps must be >= 1, got {mon.steps}")
+    require(mon.resolution is None or (mon.resolution >= 64 and mon.resolution % 64 == 0),
+            f"monitor.resolution must be a positive multiple of 64, got {mon.resolution}")
+    require(mon.guidance_scale is None or mon.guidance_scale >= 0,
+            f"monitor.guidance_scale must be >= 0, got {mon.guidance_scale}")
+    for key in ("flip_margin", "dark_rise"):
+        require(0 < getattr(mon, key) <= 1, f"monitor.{key} must be in (0, 1] (on [0, 1] RGB values), "
+                                            f"got {getattr(mon, key)}")
+    for i, prompt in enumerate(mon.prompts):
+        require(bool(prompt.strip()), f"monitor.prompts[{i}] is empty: give the probe's text")
 
 
 def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> None:

@@ -1,6 +1,6 @@
 """EMA of the LoRA weights: the exported adapter is a hand-computed EMA of the weights recorded after each
 step; "both" writes the trained weights and the EMA; kill -9 and resume stay bit-identical with the EMA
-on; its settings are checked."""
+(and the range monitor) on; its settings are checked."""
 
 from __future__ import annotations
 
@@ -137,18 +137,19 @@ def test_the_exported_adapter_is_a_hand_computed_ema_of_the_per_step_weights(tmp
 
 EMA_RUN = {"max_steps": 6, "save_every_steps": 2, "ema_decay": 0.7, "sample_every_steps": 2,
            "sample_prompts": ["sks dog"], "sample_steps": 1, "learning_rate": 1e-2}
+EMA_MONITOR = {"prompts": ["sks dog"], "images": 1, "steps": 2, "resolution": 64}
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_with_the_ema_on_end_bit_identical(tmp_path, tiny_model_dir, images):
+def test_sigkill_and_resume_with_the_ema_and_the_monitor_on_end_bit_identical(tmp_path, tiny_model_dir, images):
     """Killed inside step 3 (resumes from state 2) and inside the save of state 5 (resumes from 4): the
-    adapters (each the EMA's) are those of an uninterrupted run, bit for bit."""
+    adapters (each the EMA's) and the monitor's CSV are those of an uninterrupted run, bit for bit."""
     reference = tmp_path / "reference"
-    config = write_config(reference, tiny_model_dir, images,
+    config = write_config(reference, tiny_model_dir, images, monitor=EMA_MONITOR,
                           training={**EMA_RUN, "output_dir": str(reference / "out")})
     assert main(["train", "--config", str(config)]) == 0
     out = tmp_path / "killed" / "out"
-    config = write_config(tmp_path / "killed", tiny_model_dir, images,
+    config = write_config(tmp_path / "killed", tiny_model_dir, images, monitor=EMA_MONITOR,
                           training={**EMA_RUN, "output_dir": str(out), "save_state_every_steps": 1})
     for i, point in enumerate(["step:3", "save:state-00000005.pt"]):
         proc = start_training(config, *(["--resume", "latest"] if i else []), driver=True, env={"PAUSE_AT": point})
@@ -160,6 +161,7 @@ def test_sigkill_and_resume_with_the_ema_on_end_bit_identical(tmp_path, tiny_mod
     assert temporaries(out) == []
     for name in ("tiny-step000002.safetensors", "tiny-step000004.safetensors", "tiny.safetensors"):
         assert_same_adapter(out / name, reference / "out" / name)
+    assert (out / "monitor.csv").read_bytes() == (reference / "out" / "monitor.csv").read_bytes()
     assert torch.load(sorted((out / "state").glob("state-*.pt"))[-1], weights_only=True)["ema"]["updates"] == 5
 
 
