@@ -49,6 +49,23 @@ def test_update_by_hand_and_swapped_in_restores_the_trained_weights_bit_for_bit(
         again.load_state_dict({"average": {"v": torch.zeros(3)}, "updates": 1}, "state.pt")
 
 
+def test_the_ema_covers_every_trained_adapter_weight_of_the_unet_and_the_text_encoder(tiny_components):
+    from types import SimpleNamespace
+
+    from lora_offset.training import networks
+    from lora_offset.training.ema import make_ema
+
+    unet, te = tiny_components["unet"], tiny_components["text_encoder"]
+    unet_params = networks.add_lora(unet, networks.unet_lora_config(4, 4.0))
+    te_params = networks.add_lora(te, networks.text_encoder_lora_config(4, 4.0))
+    t = SimpleNamespace(ema_decay=0.9, ema_warmup=True, ema_on_cpu=True)
+    ema = make_ema(t, {"unet": unet, "text_encoder": te})
+    assert len(ema.params) == len(unet_params) + len(te_params) > 0
+    assert {n.partition(".")[0] for n in ema.params} == {"unet", "text_encoder"}
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ema.average.values())
+    assert make_ema(SimpleNamespace(ema_decay=0.0), {"unet": unet}) is None
+
+
 def test_adapter_files_per_ema_save():
     class T:
         output_name, ema_save = "x", "ema"
