@@ -1,7 +1,7 @@
 """The training config: one TOML file, typed and validated before anything heavy is loaded.
 
-Sections `[model] [network] [noise] [training] [dataset]` and `[[dataset.subsets]]`, one dataclass
-each; several datasets (each its own resolution, batch size and buckets) are `[[datasets]]` tables
+Sections `[model] [network] [noise] [training] [monitor] [dataset]` and `[[dataset.subsets]]`, one
+dataclass each; several datasets (each its own resolution, batch size and buckets) are `[[datasets]]` tables
 with the keys of `[dataset]` and their own `[[datasets.subsets]]`. Every key is checked: an unknown
 key is an error naming the closest valid key, a wrong type names the expected type, an out-of-range
 value says what is allowed. kohya's dataset-config TOML (`[general]`, `[[datasets]]`,
@@ -23,8 +23,8 @@ from typing import Any
 
 from lora_offset.config_rules import validate
 # The sections' dataclasses live in config_schema (config_rules uses them too); they are lora_offset.config's as well.
-from lora_offset.config_schema import (DatasetConfig, ModelConfig, NetworkConfig, NoiseConfig,  # noqa: F401
-                                       SubsetConfig, TrainingConfig, folder_repeats)
+from lora_offset.config_schema import (DatasetConfig, ModelConfig, MonitorConfig, NetworkConfig,  # noqa: F401
+                                       NoiseConfig, SubsetConfig, TrainingConfig, folder_repeats)
 from lora_offset.config_values import check_keys, coerce, suggest, type_name
 from lora_offset.errors import UserError
 from lora_offset.formats.kohya_dataset import kohya_datasets, refuse
@@ -36,6 +36,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # [dataset], or several [[datasets]]: each its own resolution, batch size and buckets
     datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig()])
 
@@ -65,6 +66,7 @@ SECTIONS: dict[str, type] = {
     "network": NetworkConfig,
     "noise": NoiseConfig,
     "training": TrainingConfig,
+    "monitor": MonitorConfig,
     "dataset": DatasetConfig,
 }
 SUBSET_KEYS = [f.name for f in dataclasses.fields(SubsetConfig)]

@@ -62,6 +62,7 @@ def validate(config: Config, source: str) -> None:
     require(0 <= z.min_timestep < max_timestep <= 1000,
             f"noise.min_timestep ({z.min_timestep}) and noise.max_timestep ({max_timestep}) must satisfy "
             "0 <= min_timestep < max_timestep <= 1000 (timesteps are drawn from [min_timestep, max_timestep))")
+    _validate_timesteps(z, require)
     require(0 < t.huber_c <= 1, f"training.huber_c must be in (0, 1], got {t.huber_c}")
     require(not (z.zero_terminal_snr and m.prediction_type != "v_prediction"),
             "noise.zero_terminal_snr = true needs model.prediction_type = \"v_prediction\" "
@@ -128,6 +129,8 @@ def validate(config: Config, source: str) -> None:
             "training.save_last_n_epochs keeps the newest epoch files: it needs training.save_every_n_epochs")
     _check_scheduler_name(t.lr_scheduler, source)
     _check_sample_settings(config, source)
+    _validate_ema(t, require)
+    _validate_monitor(config, require)
     require(t.validate_every_n_steps >= 0,
             f"training.validate_every_n_steps must be >= 0 (0 = at the end of each epoch), got {t.validate_every_n_steps}")
     for i, d in enumerate(config.datasets):
@@ -172,6 +175,69 @@ def _validate_blocks(n, require) -> None:
             "(block_dims, *_lr_weight, ...) or dim_from_weights")
     require(n.conv_block_dims is None or n.preset in ("kohya", "full"),
             f"network.conv_block_dims trains the ResNet convs, which network.preset = \"{n.preset}\" leaves out")
+
+
+def _validate_timesteps(z, require) -> None:
+    """noise.timestep_distribution and its parameters (lora_offset/training/timesteps.py)."""
+    require(z.logit_std > 0, f"noise.logit_std must be > 0, got {z.logit_std}")
+    require(z.timestep_bias_multiplier > 0,
+            f"noise.timestep_bias_multiplier must be > 0 (below 1 makes the biased timesteps rarer), "
+            f"got {z.timestep_bias_multiplier}")
+    require(0.001 <= z.timestep_bias_portion <= 1,
+            f"noise.timestep_bias_portion must be in [0.001, 1] (a share of the 1000 timesteps), got {z.timestep_bias_portion}")
+    require(0 <= z.timestep_bias_begin < z.timestep_bias_end <= 1000,
+            f"noise.timestep_bias_begin ({z.timestep_bias_begin}) and noise.timestep_bias_end ({z.timestep_bias_end}) "
+            "must satisfy 0 <= begin < end <= 1000 (the biased timesteps are [begin, end))")
+    defaults = type(z)()
+    owners = {"logit_mean": "logit_normal", "logit_std": "logit_normal",
+              **{f"timestep_bias_{k}": "timestep_bias" for k in ("strategy", "multiplier", "portion", "begin", "end")}}
+    for key, owner in owners.items():
+        require(getattr(z, key) == getattr(defaults, key) or z.timestep_distribution == owner,
+                f"noise.{key} shapes noise.timestep_distribution = \"{owner}\"; it does nothing with "
+                f"\"{z.timestep_distribution}\": remove it or set timestep_distribution = \"{owner}\"")
+    if z.timestep_distribution == "timestep_bias":
+        require(z.timestep_bias_multiplier != 1.0,
+                "noise.timestep_distribution = \"timestep_bias\" with noise.timestep_bias_multiplier = 1.0 is uniform: "
+                "set a multiplier (2.0 draws the biased timesteps twice as often, 0.5 half as often)")
+        ranged = z.timestep_bias_strategy == "range"
+        for key in ("begin", "end") if not ranged else ("portion",):
+            require(getattr(z, f"timestep_bias_{key}") == getattr(defaults, f"timestep_bias_{key}"),
+                    f"noise.timestep_bias_{key} does nothing with noise.timestep_bias_strategy = "
+                    f"\"{z.timestep_bias_strategy}\" (" + ("earlier / later take timestep_bias_portion" if not ranged
+                                                        else "range takes timestep_bias_begin and _end") + "): remove it")
+
+
+def _validate_ema(t, require) -> None:
+    """training.ema_* (lora_offset/training/ema.py)."""
+    require(0 <= t.ema_decay < 1, f"training.ema_decay must be in [0, 1) (0 = off; 0.999 is usual), got {t.ema_decay}")
+    if t.ema_decay == 0:
+        for key, default in (("ema_warmup", True), ("ema_on_cpu", False), ("ema_save", "ema"), ("sample_with_ema", True)):
+            require(getattr(t, key) == default,
+                    f"training.{key} is an EMA setting; it does nothing without training.ema_decay: set ema_decay "
+                    "(e.g. 0.999) or remove it")
+    require(not (t.ema_decay and t.optimizer == "adamw_schedulefree"),
+            "training.ema_decay with training.optimizer = \"adamw_schedulefree\": schedule-free AdamW averages its "
+            "weights already (samples and saves use its average); remove ema_decay")
+
+
+def _validate_monitor(config: Config, require) -> None:
+    """[monitor] (lora_offset/training/monitor.py)."""
+    mon, t = config.monitor, config.training
+    sampling = bool(t.sample_every_steps or t.sample_every_n_epochs or t.sample_at_first)
+    require(not mon.enabled or sampling,
+            "monitor.enabled = true, but no samples are scheduled: the range monitor measures at each sample step; "
+            "set training.sample_every_steps (or sample_every_n_epochs, sample_at_first)")
+    require(mon.images >= 1, f"monitor.images must be >= 1, got {mon.images}")
+    require(mon.steps >= 1, f"monitor.steps must be >= 1, got {mon.steps}")
+    require(mon.resolution is None or (mon.resolution >= 64 and mon.resolution % 64 == 0),
+            f"monitor.resolution must be a positive multiple of 64, got {mon.resolution}")
+    require(mon.guidance_scale is None or mon.guidance_scale >= 0,
+            f"monitor.guidance_scale must be >= 0, got {mon.guidance_scale}")
+    for key in ("flip_margin", "dark_rise"):
+        require(0 < getattr(mon, key) <= 1, f"monitor.{key} must be in (0, 1] (on [0, 1] RGB values), "
+                                            f"got {getattr(mon, key)}")
+    for i, prompt in enumerate(mon.prompts):
+        require(bool(prompt.strip()), f"monitor.prompts[{i}] is empty: give the probe's text")
 
 
 def _validate_dataset(d: DatasetConfig, where: str, t, require, source: str) -> None:

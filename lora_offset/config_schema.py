@@ -68,8 +68,17 @@ class NoiseConfig:
     input_perturbation: float = 0.0
     zero_terminal_snr: bool = False
     min_snr_gamma: float = 0.0  # 0 = off
-    min_timestep: int = 0  # timesteps are drawn uniformly from [min_timestep, max_timestep)
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep)
     max_timestep: Optional[int] = None  # None: the schedule's length (1000)
+    # how they are drawn (lora_offset/training/timesteps.py: OneTrainer's and SimpleTuner's definitions)
+    timestep_distribution: Literal["uniform", "logit_normal", "cosmap", "timestep_bias"] = "uniform"
+    logit_mean: float = 0.0  # logit_normal: sigmoid(N(mean, std)); mean > 0 leans towards the noisy end
+    logit_std: float = 1.0
+    timestep_bias_strategy: Literal["earlier", "later", "range"] = "later"  # SimpleTuner's --timestep_bias_*
+    timestep_bias_multiplier: float = 1.0  # the biased timesteps' weight (the others weigh 1)
+    timestep_bias_portion: float = 0.25  # earlier / later: the first / last int(portion * 1000) timesteps
+    timestep_bias_begin: int = 0  # range: timesteps [begin, end)
+    timestep_bias_end: int = 1000
 
 
 @dataclass
@@ -127,6 +136,29 @@ class TrainingConfig:
     channels_last: bool = False  # channels-last memory format for the UNet (GPU throughput)
     allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
     deterministic: Optional[bool] = None  # bit-identical reruns and resumes; None: true on CPU, false on a GPU
+    # EMA of the LoRA weights (lora_offset/training/ema.py); the exported adapter is the EMA's
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.999
+    ema_warmup: bool = True  # the decay of the k-th update is min(ema_decay, (1 + k) / (10 + k)) (k from 0)
+    ema_on_cpu: bool = False  # keep the average in CPU memory (small GPUs)
+    ema_save: Literal["ema", "both"] = "ema"  # "both": {output_name}.safetensors is the trained weights, -ema the EMA
+    sample_with_ema: bool = True  # samples and the range monitor show the EMA weights (false: the trained ones)
+
+
+@dataclass
+class MonitorConfig:
+    """The range monitor (lora_offset/training/monitor.py): brightness and colour of probe prompts at each sample step."""
+
+    enabled: Optional[bool] = None  # None: on whenever samples are on
+    # default: the first instance subset's class_tokens, the first class subset's, "a very dark photo", "a very bright photo"
+    prompts: list[str] = field(default_factory=list)
+    images: int = 2  # per prompt; image i uses seed + i
+    steps: int = 10
+    resolution: Optional[int] = None  # default: the dataset's
+    seed: int = 0
+    guidance_scale: Optional[float] = None  # default: training.sample_guidance_scale
+    flip_margin: float = 0.03  # a colour flip: another channel leads the base's dominant one by this much
+    dark_prompt: str = "a very dark photo"  # the probe whose mean luminance must not rise ...
+    dark_rise: float = 0.05  # ... by more than this above the base model's
 
 
 @dataclass

@@ -73,6 +73,15 @@ def test_mean_and_spread_are_over_per_image_means():
     assert s["std_luminance"] == pytest.approx(math.sqrt((0.04 + 0.04 + 0) / 3))
 
 
+def test_mean_rgb_is_the_mean_over_images_of_each_channel():
+    images = np.zeros((2, 2, 2, 3))
+    images[0, ..., 2] = 1.0  # a blue image
+    images[1, 0, :, 0] = 1.0  # half of the second image red
+    s = brightness_stats(images)
+    assert s["mean_rgb"] == pytest.approx([0.25, 0.0, 0.5])
+    assert s["mean_luminance"] == pytest.approx(float(np.dot(s["mean_rgb"], [0.2126, 0.7152, 0.0722])))
+
+
 def test_half_dark_half_bright():
     img = np.zeros((1, 2, 2, 3))
     img[0, 0] = 1.0  # one row white

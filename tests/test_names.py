@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_offset.config import ModelConfig, NetworkConfig, TrainingConfig, SubsetConfig
+from lora_offset.config import ModelConfig, NetworkConfig, NoiseConfig, TrainingConfig, SubsetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,6 +235,18 @@ def test_every_resize_interpolation_resamples(interpolation):
     assert out.size == (16, 16)
 
 
+@pytest.mark.parametrize("strategy", accepted(NoiseConfig, "timestep_bias_strategy"))
+@pytest.mark.parametrize("distribution", accepted(NoiseConfig, "timestep_distribution"))
+def test_every_timestep_distribution_and_bias_strategy_draws_timesteps(distribution, strategy):
+    from lora_offset.training.timesteps import BIAS_STRATEGIES, DISTRIBUTIONS, TimestepDistribution, sample_timesteps
+
+    assert set(accepted(NoiseConfig, "timestep_distribution")) == set(DISTRIBUTIONS)
+    assert set(accepted(NoiseConfig, "timestep_bias_strategy")) == set(BIAS_STRATEGIES)
+    dist = TimestepDistribution(distribution, bias_strategy=strategy, bias_multiplier=3.0, bias_begin=10, bias_end=20)
+    drawn = sample_timesteps(dist, 256, 1000, torch.Generator().manual_seed(0), min_timestep=5, max_timestep=900)
+    assert drawn.dtype == torch.int64 and drawn.min() >= 5 and drawn.max() < 900 and len(set(drawn.tolist())) > 20
+
+
 def test_every_section_literal_is_covered_here():
     """A new Literal key in the config must be added to this file (its names must build something)."""
     covered = {("ModelConfig", "base_precision"), ("ModelConfig", "prediction_type"), ("NetworkConfig", "type"),
@@ -242,7 +254,8 @@ def test_every_section_literal_is_covered_here():
                ("TrainingConfig", "optimizer"), ("TrainingConfig", "log_with"), ("TrainingConfig", "mixed_precision"),
                ("TrainingConfig", "loss_type"), ("TrainingConfig", "huber_schedule"),
                ("TrainingConfig", "save_precision"), ("TrainingConfig", "max_token_length"),
-               ("SubsetConfig", "resize_interpolation")}
+               ("SubsetConfig", "resize_interpolation"), ("NoiseConfig", "timestep_distribution"),
+               ("NoiseConfig", "timestep_bias_strategy"), ("TrainingConfig", "ema_save")}
     from lora_offset.config import SECTIONS
 
     found = set()
@@ -254,5 +267,6 @@ def test_every_section_literal_is_covered_here():
             if any(typing.get_origin(h) is typing.Literal for h in inner):
                 found.add((cls.__name__, f.name))
     # prediction_type, save_precision and max_token_length are tested where they act (test_train,
-    # test_export, test_text): their values are numbers and dtypes, not objects from a library.
+    # test_export, test_text): their values are numbers and dtypes, not objects from a library; ema_save's
+    # two values write their files in test_ema.
     assert found == covered, f"new Literal keys: {found - covered}; gone: {covered - found}"

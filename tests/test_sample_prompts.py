@@ -224,5 +224,5 @@ def test_training_reads_the_prompt_file_at_each_sampling(tmp_path, caplog):
                                                                                ("a cat", 4, "dpmsolver++")]
     path.write_text("a dog --w big\n", encoding="utf-8")  # broken during training: no samples, training goes on
     with caplog.at_level(logging.WARNING, logger="lora_offset"):
-        assert write_samples(config, None, None, None, None, 7, "cpu") is None
+        assert write_samples(config, None, None, None, 7) is None
     assert f"no sample images at step 7: config: training.sample_prompts: {path} line 1: --w needs a whole number" in caplog.text

@@ -56,3 +56,9 @@ def test_files_to_remove_keep_the_last_n(tmp_path):
     assert {p.name for p in files_to_remove(tmp_path, "lora", t, ["-step000004"], step=4, epoch=3)} == {
         "lora-step000001.safetensors"}
     assert files_to_remove(tmp_path, "lora", t, [], step=4, epoch=3) == []
+    # training.ema_save = "both": each file has an -ema twin, which goes with it.
+    for name in ("lora-step000001-ema", "lora-step000004-ema", "lora-000001-ema", "lora-000003-ema"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    removed = {p.name for p in files_to_remove(tmp_path, "lora", t, ["-step000004", "-000003"], step=4, epoch=3)}
+    assert removed == {"lora-step000001.safetensors", "lora-step000001-ema.safetensors", "lora-000001.safetensors",
+                       "lora-000001-ema.safetensors"}

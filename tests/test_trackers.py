@@ -41,6 +41,24 @@ def test_missing_wandb_is_one_clear_error(tmp_path, tiny_model_dir, monkeypatch,
         capsys.readouterr().err
 
 
+def test_a_wandb_that_does_not_import_says_why(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import importlib
+
+    real = importlib.import_module
+
+    def broken(name, *args, **kwargs):  # wandb there but broken (e.g. a protobuf it cannot use); wandb itself untouched
+        if name == "wandb":
+            raise ImportError("cannot import name 'x' from 'protobuf'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    images = make_images(tmp_path / "img", 2)
+    config = write_config(tmp_path, tiny_model_dir, images, training={"log_with": "wandb"})
+    assert main(["train", "--config", str(config)]) == 2
+    assert ("training.log_with = 'wandb' needs the wandb package (it is installed but does not import: cannot "
+            "import name 'x' from 'protobuf'): pip install 'lora-offset[wandb]'") in capsys.readouterr().err
+
+
 def test_log_with_none_writes_no_logs(tmp_path, tiny_model_dir):
     images = make_images(tmp_path / "img", 2)
     config = write_config(tmp_path, tiny_model_dir, images, training={"max_steps": 1, "log_with": "none"})

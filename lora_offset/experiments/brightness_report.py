@@ -51,6 +51,8 @@ def brightness_stats(images: np.ndarray, unclamped: np.ndarray | None = None) ->
         "frac_below_0_05": float((lum < DARK).mean()),
         "frac_above_0_95": float((lum > BRIGHT).mean()),
         "per_image_mean": [float(v) for v in per_image],
+        # R, G, B: the mean over images of each image's channel mean (a colour cast, a colour flip)
+        "mean_rgb": [float(v) for v in images.reshape(images.shape[0], -1, 3).mean(axis=1).mean(axis=0)],
     }
     return stats
 

@@ -210,9 +210,8 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     `on_decoded(setting, prompt, decoded)` gets each setting's and prompt's raw decodes (N, 3, H, W),
     so a caller that needs the images themselves does not generate them a second time (the demo).
     """
-    from lora_offset.experiments.sample import (SAMPLERS, ZTSNR_GUIDANCE_RESCALE, build_pipeline, generate_decoded,
-                                                sampler_supports_zero_terminal_snr, to_pil, to_unit_range,
-                                                zero_terminal_snr_samplers)
+    from lora_offset.experiments.sample import (SAMPLERS, ZTSNR_GUIDANCE_RESCALE, build_pipeline,
+                                                sampler_supports_zero_terminal_snr, to_pil, zero_terminal_snr_samplers)
     from lora_offset.training.text import MAX_TOKEN_LENGTHS
 
     specs = [s if isinstance(s, LoraSpec) else parse_lora_spec(s) if isinstance(s, str) else LoraSpec(Path(s[0]), float(s[1]))
@@ -305,14 +304,12 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
                 if log is not None:
                     log(f"[{name}] {n} images of {prompt!r} ({sampling.prediction_type}"
                         f"{', zero terminal SNR' if sampling.zero_terminal_snr else ''})")
-                decoded = generate_decoded(pipe, [prompt] * n, seeds, steps=steps, guidance_scale=guidance_scale,
-                                           height=resolution, width=resolution, negative_prompt=negative_prompt,
-                                           batch_size=batch_size, clip_skip=clip_skip,
-                                           max_token_length=max_token_length, leaks=leaks).numpy()
+                stats, decoded, images = measure_prompt(
+                    pipe, prompt, seeds, steps=steps, guidance_scale=guidance_scale, height=resolution,
+                    width=resolution, negative_prompt=negative_prompt, batch_size=batch_size, clip_skip=clip_skip,
+                    max_token_length=max_token_length, leaks=leaks)
                 if on_decoded is not None:
                     on_decoded(name, prompt, decoded)
-                images = to_unit_range(decoded)
-                stats = brightness_stats(images, unclamped=np.transpose(decoded, (0, 2, 3, 1)) / 2 + 0.5)
                 grid_name = f"grid_{name}_{p_index:02d}_{_slug(prompt)}.png"
                 grid = image_grid(to_pil(images))
                 atomic_write(out / grid_name, lambda tmp, g=grid: g.save(tmp, format="PNG"))
@@ -329,6 +326,22 @@ def evaluate(base: str, loras: Sequence[LoraSpec | str | tuple] = (), prompts: S
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def measure_prompt(pipe, prompt: str, seeds: Sequence[int], *, steps: int, guidance_scale: float, height: int,
+                   width: int, negative_prompt: str = "", batch_size: int = 4, clip_skip: int = 1,
+                   max_token_length: int = 75, leaks=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One image of `prompt` per seed from `pipe`, measured: (brightness_stats, the raw decodes (N, 3, H, W),
+    the images (N, H, W, 3) in [0, 1]). What eval reports for a setting and prompt; the training's range
+    monitor (lora_offset.training.monitor) measures with it too."""
+    from lora_offset.experiments.sample import generate_decoded, to_unit_range
+
+    decoded = generate_decoded(pipe, [prompt] * len(seeds), seeds, steps=steps, guidance_scale=guidance_scale,
+                               height=height, width=width, negative_prompt=negative_prompt, batch_size=batch_size,
+                               clip_skip=clip_skip, max_token_length=max_token_length, leaks=leaks).numpy()
+    images = to_unit_range(decoded)
+    stats = brightness_stats(images, unclamped=np.transpose(decoded, (0, 2, 3, 1)) / 2 + 0.5)
+    return stats, decoded, images
 
 
 def _load_lora(pipe, spec: LoraSpec, state_dict: dict, adapter: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from lora_offset.training.validation import validation_seed
 
 
 def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet, text_encoder, step: int,
-                 started_at: float, path: Path) -> Path:
+                 started_at: float, path: Path, averaged: bool = False) -> Path:
+    """The adapter in the models as a kohya file at `path`; `averaged`: they hold the EMA's weights (ema.py)."""
     t, net, z = config.training, config.network, config.noise
     unet_model = accelerator.unwrap_model(unet)
     te_model = accelerator.unwrap_model(text_encoder) if net.train_text_encoder else None
@@ -51,7 +53,8 @@ def save_adapter(config: Config, calendar: Calendar, dataset, accelerator, unet,
         prior_loss_weight=t.prior_loss_weight,
         base_model_name=config.model.pretrained,
         extra={**base_precision.metadata(config.model.base_precision, models.compute_dtype(accelerator)),
-               **training_metadata(config, calendar), **dataset_metadata(config, dataset)},
+               **training_metadata(config, calendar), **dataset_metadata(config, dataset),
+               **ema_and_timestep_metadata(config, averaged)},
     )
     return kohya.save_lora(path, state, metadata, precision=t.save_precision)
 
@@ -104,6 +107,22 @@ def training_metadata(config: Config, calendar: Calendar) -> dict:
         "ss_cache_latents": t.cache_latents,
         "ss_min_timestep": z.min_timestep,
         "ss_max_timestep": 1000 if z.max_timestep is None else z.max_timestep,
+    }
+
+
+def ema_and_timestep_metadata(config: Config, averaged: bool) -> dict:
+    """lora-offset's own record of the timestep distribution (JSON: its name and the parameters it uses) and of
+    the weights in the file: "ema" (with the decay and warm-up) or "trained"."""
+    z, t = config.noise, config.training
+    used = {"logit_normal": ("logit_mean", "logit_std"), "timestep_bias": (
+        "timestep_bias_strategy", "timestep_bias_multiplier",
+        *(("timestep_bias_begin", "timestep_bias_end") if z.timestep_bias_strategy == "range" else
+          ("timestep_bias_portion",)))}.get(z.timestep_distribution, ())
+    return {
+        "lora_offset.timestep_distribution": json.dumps({"name": z.timestep_distribution,
+                                                          **{k: getattr(z, k) for k in used}}),
+        "lora_offset.weights": json.dumps({"weights": "ema", "ema_decay": t.ema_decay, "ema_warmup": t.ema_warmup}
+                                          if averaged else {"weights": "trained"}),
     }
 
 

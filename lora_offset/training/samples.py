@@ -1,9 +1,12 @@
-"""Images made during training: the missing class images (before), sample images (during)."""
+"""Images made during training: the missing class images (before), sample images (during), and the
+pipeline that samples and the range monitor (monitor.py) share."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from lora_offset.config import Config
 from lora_offset.errors import UserError
@@ -56,7 +59,32 @@ def sample_prompts(config: Config) -> list:
                    steps=t.sample_steps, guidance_scale=t.sample_guidance_scale, sampler=t.sample_sampler)
 
 
-def write_samples(config: Config, accelerator, base, unet, text_encoder, step: int, device) -> None:
+@contextlib.contextmanager
+def sampling_pipeline(config: Config, accelerator, base, unet, text_encoder, device) -> Iterator:
+    """A pipeline around the training models (eval mode, VAE and text encoder on `device`) for the block:
+    samples and the range monitor share it. Devices and training modes are restored after."""
+    from lora_offset.experiments import sample
+
+    vae_device, te_device = base.vae.device, text_encoder.device
+    base.vae.to(device)
+    text_encoder.to(device)
+    was_training = unet.training
+    unet_model, te_model = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    unet_model.eval()
+    te_model.eval()
+    try:
+        yield sample.build_pipeline(unet_model, base.vae, te_model, base.tokenizer, base.scheduler_config,
+                                    prediction_type=config.model.prediction_type,
+                                    zero_terminal_snr=config.noise.zero_terminal_snr)
+    finally:
+        unet_model.train(was_training)
+        te_model.train(config.network.train_text_encoder)
+        base.vae.to(vae_device)
+        text_encoder.to(te_device)
+
+
+def write_samples(config: Config, accelerator, pipe, scheduler_config, step: int) -> None:
+    """The sample prompts' images from `pipe` (sampling_pipeline) into samples/ and the trackers."""
     from lora_offset.experiments import sample
 
     t = config.training
@@ -65,21 +93,9 @@ def write_samples(config: Config, accelerator, base, unet, text_encoder, step: i
     except UserError as e:  # the prompt file was edited into an error during training: train on
         log.warning("no sample images at step %d: %s", step, e)
         return
-    vae_device = base.vae.device
-    te_device = text_encoder.device
-    base.vae.to(device)
-    text_encoder.to(device)
-    was_training = unet.training
-    unet_model = accelerator.unwrap_model(unet)
-    te_model = accelerator.unwrap_model(text_encoder)
-    unet_model.eval()
-    te_model.eval()
-    pipe = sample.build_pipeline(unet_model, base.vae, te_model, base.tokenizer, base.scheduler_config,
-                                 prediction_type=config.model.prediction_type,
-                                 zero_terminal_snr=config.noise.zero_terminal_snr)
     images = []
     for p in prompts:  # each prompt its own size, seed, steps, guidance, negative prompt and sampler
-        pipe.scheduler = sample.sampling_scheduler(base.scheduler_config, p.sampler,
+        pipe.scheduler = sample.sampling_scheduler(scheduler_config, p.sampler,
                                                    prediction_type=config.model.prediction_type,
                                                    zero_terminal_snr=config.noise.zero_terminal_snr)
         images += sample.generate(pipe, [p.prompt], [p.seed], steps=p.steps, guidance_scale=p.guidance_scale,
@@ -87,7 +103,3 @@ def write_samples(config: Config, accelerator, base, unet, text_encoder, step: i
                                   clip_skip=t.clip_skip, max_token_length=t.max_token_length)
     sample.save_samples(images, Path(t.output_dir) / "samples", step, [p.prompt for p in prompts])
     log_images(accelerator, images, step)
-    unet_model.train(was_training)
-    te_model.train(config.network.train_text_encoder)
-    base.vae.to(vae_device)
-    text_encoder.to(te_device)

@@ -76,8 +76,9 @@ def files_to_remove(folder: Path, name: str, t, saved: list[str], step: int, epo
     saved_step = any(s.startswith("-step") for s in saved)
     saved_epoch = any(re.fullmatch(r"-\d{6,}", s) for s in saved)
     old = []
-    step_file = re.compile(re.escape(name) + r"-step(\d{6,})\.safetensors")
-    epoch_file = re.compile(re.escape(name) + r"-(\d{6,})\.safetensors")
+    # training.ema_save = "both" writes an "-ema" twin of each file: it goes with its file.
+    step_file = re.compile(re.escape(name) + r"-step(\d{6,})(?:-ema)?\.safetensors")
+    epoch_file = re.compile(re.escape(name) + r"-(\d{6,})(?:-ema)?\.safetensors")
     for path in sorted(folder.glob(f"{name}-*.safetensors")):
         if (saved_step and t.save_last_n_steps and (m := step_file.fullmatch(path.name))
                 and int(m[1]) < step - t.save_last_n_steps):

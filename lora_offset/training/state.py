@@ -1,7 +1,8 @@
 """Resumable training state: everything needed to continue bit-identically, saved, found and loaded.
 
 A state file (`{output_dir}/state/state-{step:08d}.pt`, the last KEEP_STATES kept) holds the LoRA
-weights, the optimizer's and the lr schedule's state, every random generator and the step.
+weights, the optimizer's and the lr schedule's state, every random generator, the step and, with
+training.ema_decay, the moving average of the weights (ema.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_state(output_dir: Path, step: int, started_at: float, unet, text_encoder, optimizer, lr_scheduler,
-               generator, accelerator, optimizer_name: str) -> Path:
-    """Everything needed to continue bit-identically: LoRA weights, optimizer, schedule, RNG, step."""
+               generator, accelerator, optimizer_name: str, ema=None) -> Path:
+    """Everything needed to continue bit-identically: LoRA weights, optimizer, schedule, RNG, step, EMA."""
     state = {
         "step": step,
         "optimizer_name": optimizer_name,
@@ -41,6 +42,7 @@ def save_state(output_dir: Path, step: int, started_at: float, unet, text_encode
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": list(random.getstate()[1]),
         "num_threads": torch.get_num_threads(),  # CPU float results depend on it (see determinism.py)
+        "ema": ema.state_dict() if ema is not None else None,
     }
     folder = output_dir / STATE_DIR
     path = folder / f"{STATE_PREFIX}{step:08d}.pt"
@@ -89,7 +91,7 @@ def find_resume_state(resume: str, output_dir: Path) -> Path:
 
 
 def load_state(path: Path, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator,
-               optimizer_name: str) -> tuple[int, float]:
+               optimizer_name: str, ema=None) -> tuple[int, float]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which
@@ -112,6 +114,13 @@ def load_state(path: Path, unet, text_encoder, optimizer, lr_scheduler, generato
         raise UserError(f"--resume: {path} has {len(state['optimizer']['param_groups'])} optimizer parameter "
                         f"groups, this config {len(optimizer.param_groups)}: the text encoder or "
                         "network.loraplus_lr_ratio settings differ from the run that saved it")
+    saved_ema = state.get("ema")
+    if (saved_ema is None) != (ema is None):
+        raise UserError(f"--resume: {path} was saved " + ("without" if saved_ema is None else "with") + " an EMA of the "
+                        "weights and this config has " + ("training.ema_decay" if ema is not None else "none") +
+                        ": resume with the run's own training.ema_decay setting")
+    if ema is not None:
+        ema.load_state_dict(saved_ema, str(path))
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     generator.set_state(state["generator"])

@@ -16,6 +16,7 @@ import torch
 
 from lora_offset.training import losses, network_regularizers, noise
 from lora_offset.training.text import encode_prompts
+from lora_offset.training.timesteps import TimestepDistribution, sample_timesteps
 
 
 @dataclass
@@ -89,8 +90,8 @@ def batch_loss(parts: StepParts, batch, generator: torch.Generator | None = None
     # Noise and timesteps for the whole global batch, then this process's slice.
     eps = noise.sample_noise(latents, noise_cfg, generator).to(device)
     if timestep is None:
-        timesteps = noise.sample_timesteps(n, parts.num_train_timesteps, generator,
-                                           min_timestep=noise_cfg.min_timestep, max_timestep=noise_cfg.max_timestep)
+        timesteps = sample_timesteps(TimestepDistribution.from_config(noise_cfg), n, parts.num_train_timesteps,
+                                     generator, min_timestep=noise_cfg.min_timestep, max_timestep=noise_cfg.max_timestep)
     else:
         timesteps = torch.full((n,), int(timestep), dtype=torch.long)
     timesteps = timesteps.to(device)

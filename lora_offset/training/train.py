@@ -3,8 +3,9 @@
     lora-offset train --config my.toml [--set training.max_steps=500] [--resume latest]
 
 Reading order: cheap checks (config, output folder, images) -> base model -> LoRA -> caches ->
-optimizer -> resume -> the loop (one optimizer step, logs, samples, saves) -> export. What one
-step does is in step.py; resumable states in state.py; the optimizer registry in optimizers.py.
+optimizer -> resume -> the loop (one optimizer step, EMA, logs, samples and the range monitor, saves)
+-> export. What one step does is in step.py; resumable states in state.py; the optimizer registry in
+optimizers.py; the EMA of the weights in ema.py; the brightness-and-colour monitor in monitor.py.
 Multi-GPU is accelerate's job: `accelerate launch -m lora_offset train --config my.toml`.
 """
 
@@ -24,14 +25,16 @@ import torch
 from lora_offset import fileio
 from lora_offset.config import Config, load_config
 from lora_offset.errors import UserError
-from lora_offset.training import base_precision, determinism, models, network_regularizers, networks, noise, trackers
+from lora_offset.training import (base_precision, determinism, models, monitor, network_regularizers, networks, noise,
+                                   trackers)
 from lora_offset.training.data.captions import check_caption_lengths
 from lora_offset.training.data.group import build_datasets
 from lora_offset.training import optimizers
 from lora_offset.training.adapter import save_adapter
+from lora_offset.training.ema import adapter_files, ema_weights, make_ema
 from lora_offset.training.interrupt import TrainingInterrupted, install_sigint_handler
 from lora_offset.training.network_targets import block_lr_weights
-from lora_offset.training.samples import generate_class_images, write_samples
+from lora_offset.training.samples import generate_class_images, sampling_pipeline, write_samples
 from lora_offset.training.schedule import Calendar, files_to_remove, sample_due, saves_due, total_steps
 from lora_offset.training.state import STATE_DIR, find_resume_state, load_state, save_state, saved_num_threads
 from lora_offset.training.step import StepParts, encode_images, optimizer_step
@@ -132,13 +135,16 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
 
-    # ---- resume: adapter weights, optimizer, schedule, RNG, step -----------------------------
+    # The EMA of the LoRA weights (training.ema_decay), from the weights before the first step.
+    ema = make_ema(t, {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)})
+
+    # ---- resume: adapter weights, optimizer, schedule, RNG, step, EMA ------------------------
     generator = torch.Generator(device="cpu").manual_seed(t.seed + 1)  # noise, timesteps: independent of data order
     step = 0
     started_at = time.time()
     if resume_file is not None:
         step, started_at = load_state(resume_file, unet, text_encoder, optimizer, lr_scheduler, generator, accelerator,
-                                      t.optimizer)
+                                      t.optimizer, ema)
         log.info("resumed from %s at step %d", resume_file, step)
     parts = StepParts(
         config=config, accelerator=accelerator, unet=unet,
@@ -152,21 +158,31 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
     if is_main:
         init_kwargs = trackers.init_kwargs(t.log_with, t.wandb_run_name, logging_dir(t, output_dir))
         accelerator.init_trackers("lora-offset", config=flat_hparams(config), init_kwargs=init_kwargs)
+    # Brightness and colour of the probe prompts at each sample step ([monitor]; rows kept up to a resumed step).
+    ranges = monitor.for_run(config, base.scheduler_config, accelerator.log, step) if is_main else None
+    shown = "ema" if ema is not None and t.sample_with_ema else "trained"  # the weights samples and the monitor show
     stop = install_sigint_handler()
     nonfinite_in_a_row = 0
     skipped_steps = 0
 
-    def outputs(step: int, suffixes: list[str]) -> None:
-        """Samples (when due) and the adapter files `suffixes`, with the weights a save shows (main process)."""
+    def outputs(step: int, suffixes: list[str], samples: bool = True) -> None:
+        """Samples and the range monitor (when due) and the adapter files `suffixes`, with the weights they show:
+        schedule-free's average, the EMA's where the config says so (main process)."""
         accelerator.wait_for_everyone()
         if not is_main:
             return
         with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
-            if sample_due(t, calendar, step):
-                write_samples(config, accelerator, base, unet, text_encoder, step, device)
+            if samples and sample_due(t, calendar, step):
+                with ema_weights(ema, shown == "ema"), sampling_pipeline(config, accelerator, base, unet, text_encoder,
+                                                                         device) as pipe:
+                    write_samples(config, accelerator, pipe, base.scheduler_config, step)
+                    if ranges is not None:
+                        ranges.at_sample_step(pipe, step, shown)
             for suffix in suffixes:
-                save_adapter(config, calendar, dataset, accelerator, unet, text_encoder, step, started_at,
-                             output_dir / f"{t.output_name}{suffix}.safetensors")
+                for name, averaged in adapter_files(t, ema, suffix):  # the EMA's, or (ema_save "both") each
+                    with ema_weights(ema, averaged):
+                        save_adapter(config, calendar, dataset, accelerator, unet, text_encoder, step, started_at,
+                                     output_dir / name, averaged)
         for old in files_to_remove(output_dir, t.output_name, t, suffixes, step, calendar.epochs_completed(step)):
             old.unlink(missing_ok=True)
 
@@ -197,6 +213,8 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
         step += 1
         progress.update(1)
         if stepped:
+            if ema is not None:
+                ema.update()
             if hooks is not None:
                 hooks.on_step_end(step, loss)
             # the UNet's learning rate now (the first group may run at a block's share of it)
@@ -223,7 +241,7 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             accelerator.wait_for_everyone()
             if is_main:
                 save_state(output_dir, step, started_at, unet, text_encoder, optimizer, lr_scheduler, generator,
-                           accelerator, t.optimizer)
+                           accelerator, t.optimizer, ema)
         if stop.requested:
             progress.close()
             accelerator.end_training()
@@ -235,13 +253,13 @@ def train(config: Config, resume: str | None = None, base: "models.BaseModel | N
             )
 
     progress.close()
-    # ---- export ---------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
+    # ---- export: the adapter (the EMA's, with training.ema_decay), the monitor's plot ------------
+    outputs(step, [""], samples=False)
     adapter_path = config.adapter_path
     if is_main:
-        with optimizers.schedule_free_eval(t.optimizer, optimizer, parts.trainable):
-            save_adapter(config, calendar, dataset, accelerator, unet, text_encoder, step, started_at, adapter_path)
-        log.info("saved %s", adapter_path)
+        if ranges is not None and ranges.rows:
+            log.info("range monitor: %s, %s", ranges.path, monitor.write_plot(ranges.path))
+        log.info("saved %s", ", ".join(str(output_dir / name) for name, _ in adapter_files(t, ema, "")))
     accelerator.end_training()
     stop.restore()
     restore_settings()
