@@ -139,7 +139,7 @@ def first_step_response(pipe, prompt: str, p: dict, direction: torch.Tensor, fra
     take the first sampling step's prediction of x0 (classifier-free guidance as in sampling).
     Returns per f: mean luminance of the decoded x0 prediction and its channel mean along `direction`."""
     from lora_offset.experiments.leak import first_step_alpha_bar, leak_start
-    from lora_offset.experiments.sample import eval_mode
+    from lora_offset.experiments.sample import eval_mode, merged_lora
 
     n, size = p["eval_n"], p["resolution"]
     latent = size // pipe.vae_scale_factor
@@ -149,7 +149,7 @@ def first_step_response(pipe, prompt: str, p: dict, direction: torch.Tensor, fra
     alpha_bar = first_step_alpha_bar(scheduler, p["eval_steps"])
     t = scheduler.timesteps[0]
     unit = direction / direction.norm()
-    with eval_mode(pipe.unet, pipe.text_encoder, pipe.vae):
+    with eval_mode(pipe.unet, pipe.text_encoder, pipe.vae), merged_lora(pipe.unet, pipe.text_encoder):
         cond, uncond = pipe.encode_prompt(prompt, "cpu", n, True, negative_prompt="")
         rows = []
         for f in fractions:

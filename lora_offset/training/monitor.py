@@ -109,14 +109,16 @@ def measure(pipe, settings: ProbeSettings) -> dict[str, dict]:
     """{prompt: {mean_luminance, std_luminance, mean_rgb}} of `settings.images` images per probe from `pipe`
     (whatever scheduler and adapter it has), measured as `eval` measures (evaluate.measure_prompt)."""
     from lora_offset.experiments.evaluate import measure_prompt
+    from lora_offset.experiments.sample import merged_lora
 
     measured = {}
-    for prompt in settings.prompts:
-        stats, _, _ = measure_prompt(pipe, prompt, settings.seeds, steps=settings.steps,
-                                     guidance_scale=settings.guidance_scale, height=settings.height,
-                                     width=settings.width, batch_size=settings.images, clip_skip=settings.clip_skip,
-                                     max_token_length=settings.max_token_length)
-        measured[prompt] = {k: stats[k] for k in ("mean_luminance", "std_luminance", "mean_rgb")}
+    with merged_lora(pipe.unet, pipe.text_encoder):  # as eval samples: the adapter in the weights, restored after
+        for prompt in settings.prompts:
+            stats, _, _ = measure_prompt(pipe, prompt, settings.seeds, steps=settings.steps,
+                                         guidance_scale=settings.guidance_scale, height=settings.height,
+                                         width=settings.width, batch_size=settings.images, clip_skip=settings.clip_skip,
+                                         max_token_length=settings.max_token_length)
+            measured[prompt] = {k: stats[k] for k in ("mean_luminance", "std_luminance", "mean_rgb")}
     return measured
 
 
