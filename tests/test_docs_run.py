@@ -153,3 +153,22 @@ def test_toml_block(block):
             Config.from_dict(merged(CONFIG_BASE, data), source=block.where)
         except UserError as e:
             pytest.fail(str(e))
+
+
+def test_blocks_and_commands_are_read_as_markdown_and_the_shell_read_them():
+    page = ("text\n```bash run\nlora-offset inspect a.safetensors   # a comment\nlora-offset merge --lora a \\\n"
+            "    --out b.safetensors\nmkdir -p x && lora-offset kohya --print-config > my.toml\n```\n"
+            "```` ```bash parse ```` is prose, not a fence\n````bash\n```nested```\n````\n")
+    run, unmarked = fenced_blocks(Path("page.md"), page)
+    assert (run.line, run.language, run.marker, unmarked.line, unmarked.marker) == (2, "bash", "run", 9, "")
+    found = [(c.line, c.words, c.stdout) for c in commands(run)]
+    assert found == [(3, ["lora-offset", "inspect", "a.safetensors"], None),
+                     (4, ["lora-offset", "merge", "--lora", "a", "--out", "b.safetensors"], None),
+                     (6, ["mkdir", "-p", "x"], None), (6, ["lora-offset", "kohya", "--print-config"], "my.toml")]
+    assert lora_offset_argv(["accelerate", "launch", "--multi_gpu", "-m", "lora_offset", "train"]) == ["train"]
+    assert lora_offset_argv(["HF_HOME=x", "python3", "-m", "lora_offset", "eval"]) == ["eval"]
+    assert lora_offset_argv(["pip", "install", "lora-offset"]) is None
+    with pytest.raises(ValueError, match="plain commands"):
+        commands(fenced_blocks(Path("p.md"), "```bash run\nlora-offset inspect a | head\n```\n")[0])
+    with pytest.raises(ValueError, match="not closed"):
+        fenced_blocks(Path("p.md"), "```bash run\nlora-offset inspect a\n")
