@@ -282,7 +282,7 @@ def test_every_output_refuses_a_path_in_the_way_a_missing_folder_and_a_read_only
 
 
 def test_output_kinds(tmp_path):
-    """A file's folder must exist; a folder output may be new, with missing parents (the README's
+    """A file's folder must exist; a folder output may be new, with missing parents (docs/tools.md's
     `make-dataset ... data/solid_black` on a fresh clone); nothing is created by the check."""
     assert output_problem(tmp_path / "a" / "b" / "new", "folder") is None
     assert output_problem(tmp_path / "new.safetensors", "file") is None
@@ -415,9 +415,9 @@ def test_a_full_disk_is_one_line_for_every_tool_and_leaves_no_temporary_file(ful
         assert tree(out) == [], argv
 
 
-def test_the_readme_shows_what_the_tools_print(tmp_path, monkeypatch, capsys):
-    """The README's "What happens when…" rows for the tools quote these lines."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_docs_show_what_the_tools_print(tmp_path, monkeypatch, capsys):
+    """docs/troubleshooting.md's "What happens when…" rows for the tools quote these lines."""
+    readme = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
     stop_commands(monkeypatch.setattr)
     monkeypatch.chdir(tmp_path)
     for argv, line in [

@@ -340,6 +340,7 @@ def test_docs_list_every_option_as_supported_without_effect_or_refused():
     for name in set(kohya_options.OPTIONS) - set(kohya_options.NO_EFFECT) - set(kohya_options.REFUSED) - special:
         assert re.search(rf"^\|.*`--{name}`.*\|$", supported, flags=re.M), name
         assert f"`--{name}`" not in no_effect + refused, name
+    assert text.split("```bash parse\n", 1)[1].startswith("lora-offset kohya ")  # the page opens with a command line
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = doc_section(readme, "## Coming from kohya sd-scripts")
-    assert section.split("```bash\n", 1)[1].startswith("lora-offset kohya ") and "(docs/kohya.md)" in section
+    first_lora = doc_section(readme, "## Train your first LoRA")
+    assert "`lora-offset kohya`" in first_lora and "(docs/kohya.md)" in first_lora

@@ -276,7 +276,7 @@ def _free_in(line: str) -> str:
 
 @pytest.mark.slow
 def test_default_settings_two_runs_and_a_killed_resumed_run_give_identical_adapters(tmp_path, tiny_model_dir, images):
-    """The README's promise in the environment a user has: no thread pin, so torch's default thread count
+    """docs/troubleshooting.md's promise in the environment a user has: no thread pin, so torch's default thread count
     (2 on a 2-core machine), and the default training.deterministic. Run b is a second run of run a's
     config, killed inside its save of state 2 and resumed from state 1."""
     default_threads = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],

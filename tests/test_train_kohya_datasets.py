@@ -219,9 +219,9 @@ def test_native_datasets_config_trains_two_resolutions(tmp_path, tiny_model_dir)
     assert [d["resolution"] for d in datasets] == [[64, 64], [128, 128]]
 
 
-def test_readme_lists_every_refused_key_with_its_reason():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### kohya dataset files"):]
+def test_the_docs_list_every_refused_key_with_its_reason():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "kohya.md").read_text(encoding="utf-8")
+    section = page[page.index("## kohya dataset files"):]
     section = section[:section.index("\n## ")]
     for key in REFUSED:
         assert f"| `{key}` |" in section, key
